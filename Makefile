@@ -1,0 +1,23 @@
+# Entry points for people and CI. `make test` is exactly what CI runs (.ci/run).
+.DEFAULT_GOAL := help
+.PHONY: help tools test up fmt lint
+
+help: ## List the targets
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN { FS = ":.*## " } { printf "  make %-6s %s\n", $$1, $$2 }'
+
+tools: ## Install the pinned nats-server into .tools/nats
+	scripts/install-nats.sh
+
+test: ## Run every check and test: fmt, clippy, build, tests on real NATS and PostgreSQL
+	scripts/test.sh
+
+up: ## Run the whole system locally
+	cargo run --release -p orderflow -- up
+
+fmt: ## Format the code
+	cargo fmt --all
+
+lint: ## Check formatting and run clippy with warnings as errors
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -1,0 +1,142 @@
+//! Connecting to NATS.
+//!
+//! async-nats reconnects by itself (unlimited attempts, growing delays capped at a few
+//! seconds); we never wrap it in a loop of our own. With `retry_on_initial_connect` the client
+//! also keeps trying when the server is not up yet at start, so a service can start before
+//! NATS: [`Nats::wait_connected`] waits for the first connection within a bound and says what
+//! it is waiting for, and [`Nats::is_connected`] tells readiness the truth meanwhile.
+
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use tokio::time::Instant;
+
+use crate::MessagingError;
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// One server URL or several separated by commas (`nats://a:4222,nats://b:4222`).
+    pub url: String,
+    /// The client name shown in the server's connection list (the service name).
+    pub client_name: String,
+    /// How long the JetStream API and publish acks may take before an error.
+    pub request_timeout: Duration,
+}
+
+impl NatsConfig {
+    /// A configuration with default timeouts.
+    pub fn new(url: impl Into<String>, client_name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            client_name: client_name.into(),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A NATS connection with its JetStream context. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Nats {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    url: String,
+}
+
+impl Nats {
+    /// Creates the client. Returns at once; the connection is established in the background
+    /// and re-established whenever it is lost.
+    pub async fn connect(config: &NatsConfig) -> Result<Self, MessagingError> {
+        let servers: Vec<async_nats::ServerAddr> = config
+            .url
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                MessagingError::Connect(format!("invalid NATS URL {:?}: {e}", config.url))
+            })?;
+        let name = config.client_name.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(&config.client_name)
+            .retry_on_initial_connect()
+            .request_timeout(Some(config.request_timeout))
+            .event_callback(move |event| {
+                let name = name.clone();
+                async move { log_event(&name, &event) }
+            })
+            .connect(servers)
+            .await
+            .map_err(|e| MessagingError::Connect(e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            url: config.url.clone(),
+        })
+    }
+
+    /// Waits until the client is connected, logging every few seconds what it waits for.
+    /// Fails with a message naming the URL when `timeout` passes first.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), MessagingError> {
+        let deadline = Instant::now() + timeout;
+        let mut next_log = Instant::now() + Duration::from_secs(2);
+        while !self.is_connected() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MessagingError::Connect(format!(
+                    "no connection to NATS at {} within {timeout:?}; is nats-server running?",
+                    self.url
+                )));
+            }
+            if now >= next_log {
+                tracing::info!(url = %self.url, "waiting for NATS");
+                next_log = now + Duration::from_secs(5);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the client is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// The configured URL(s).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Flushes what the client buffered and closes the connection after in-flight work.
+    pub async fn drain(&self) {
+        if let Err(e) = self.client.drain().await {
+            tracing::warn!(error = %e, "draining the NATS connection failed");
+        }
+    }
+
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
+fn log_event(client: &str, event: &async_nats::Event) {
+    match event {
+        async_nats::Event::Connected => tracing::info!(client, "connected to NATS"),
+        async_nats::Event::Disconnected => {
+            tracing::warn!(client, "disconnected from NATS; reconnecting");
+        }
+        async_nats::Event::LameDuckMode => {
+            tracing::warn!(
+                client,
+                "NATS server entered lame duck mode; will move to another"
+            );
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::warn!(client, sid, "slow consumer: the client dropped messages");
+        }
+        other => tracing::info!(client, event = %other, "NATS client event"),
+    }
+}

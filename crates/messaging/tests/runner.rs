@@ -1,0 +1,368 @@
+//! The consumer runner against a real nats-server, on SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Env, Script, ScriptedHandler, header, order_created};
+use orderflow_contracts::names::{consumers, headers, streams, subjects};
+use orderflow_messaging::Publisher;
+use orderflow_testkit::{TestDb, eventually, on_every_backend};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn dead_letters(env: &Env, n: usize) -> Vec<async_nats::jetstream::Message> {
+    eventually(WAIT, &format!("{n} dead letters"), || async {
+        let info = env
+            .js
+            .get_stream(streams::DEAD_LETTERS)
+            .await
+            .map_err(|e| e.to_string())?
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?;
+        if info.state.messages as usize >= n {
+            Ok(())
+        } else {
+            Err(format!("{} dead letters so far", info.state.messages))
+        }
+    })
+    .await;
+    env.stream_messages(streams::DEAD_LETTERS).await
+}
+
+/// A poison message goes to the dead-letter stream at once and is never retried.
+async fn poison_is_dead_lettered_at_once(db: TestDb) {
+    let env = Env::start(db).await;
+    let handler = ScriptedHandler::new(Script::default());
+    let _runner = env.run_handler(handler.clone());
+    let publisher = Publisher::new(&env.nats);
+
+    // Valid envelope, payload that is not JSON.
+    let (meta, _) = order_created(1);
+    let hdrs: Vec<(String, String)> = meta
+        .to_headers()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    publisher
+        .publish_raw(
+            subjects::ORDER_CREATED,
+            &hdrs,
+            Bytes::from_static(b"{not json"),
+        )
+        .await
+        .unwrap();
+    // Valid JSON that breaks the schema (quantity 0).
+    let (meta2, event) = order_created(1);
+    let mut value = serde_json::to_value(&event).unwrap();
+    value["lines"][0]["quantity"] = 0.into();
+    let hdrs2: Vec<(String, String)> = meta2
+        .to_headers()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    publisher
+        .publish_raw(
+            subjects::ORDER_CREATED,
+            &hdrs2,
+            Bytes::from(serde_json::to_vec(&value).unwrap()),
+        )
+        .await
+        .unwrap();
+    // No envelope at all.
+    publisher
+        .publish_raw(subjects::ORDER_CREATED, &[], Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    // A valid message after them is still handled.
+    let (meta3, event3) = order_created(2);
+    publisher.publish_event(&meta3, &event3).await.unwrap();
+
+    let dls = dead_letters(&env, 3).await;
+    assert_eq!(dls.len(), 3);
+    for dl in &dls {
+        assert_eq!(header(dl, headers::DL_REASON).as_deref(), Some("poison"));
+        assert_eq!(
+            header(dl, headers::DL_DELIVERIES).as_deref(),
+            Some("1"),
+            "never retried"
+        );
+        assert_eq!(
+            header(dl, headers::DL_CONSUMER).as_deref(),
+            Some(consumers::INVENTORY_ORDERS)
+        );
+        assert_eq!(
+            header(dl, headers::DL_SUBJECT).as_deref(),
+            Some(subjects::ORDER_CREATED)
+        );
+        assert!(header(dl, headers::DL_STREAM_SEQ).is_some());
+        assert_eq!(dl.subject.as_str(), "deadletter.inventory-orders");
+    }
+    // Workers may dead-letter them in any order: find each by its original event id.
+    let by_id = |id: String| {
+        dls.iter()
+            .find(|d| header(d, headers::CE_ID) == Some(id.clone()))
+            .unwrap()
+    };
+    let not_json = by_id(meta.id.to_string());
+    assert_eq!(
+        not_json.payload.as_ref(),
+        b"{not json",
+        "payload kept byte for byte"
+    );
+    assert!(
+        header(not_json, headers::DL_ERROR)
+            .unwrap()
+            .contains("malformed JSON")
+    );
+    let invalid = by_id(meta2.id.to_string());
+    assert!(
+        header(invalid, headers::DL_ERROR)
+            .unwrap()
+            .contains("/lines/0/quantity")
+    );
+    let bare = dls
+        .iter()
+        .find(|d| header(d, headers::CE_ID).is_none())
+        .unwrap();
+    assert!(
+        header(bare, headers::DL_ERROR)
+            .unwrap()
+            .contains("no headers")
+    );
+
+    let order = event3.order_id.to_string();
+    eventually(WAIT, "the valid message is handled", || async {
+        if env.hits(&order).await == 1 {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    // The handler never saw a poison message.
+    assert_eq!(handler.calls().len(), 1);
+    let mut consumer = env
+        .js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            consumers::INVENTORY_ORDERS,
+            streams::ORDERS,
+        )
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.num_redelivered, 0,
+        "poison messages are not redelivered"
+    );
+}
+
+/// A transient failure is retried with growing delays and then succeeds, with one effect.
+async fn transient_failure_is_retried_with_growing_delays(db: TestDb) {
+    let env = Env::start(db).await;
+    let handler = ScriptedHandler::new(Script {
+        fail_transiently_until_delivery: 2,
+        ..Script::default()
+    });
+    let _runner = env.run_handler(handler.clone());
+    let (meta, event) = order_created(1);
+    Publisher::new(&env.nats)
+        .publish_event(&meta, &event)
+        .await
+        .unwrap();
+
+    let order = event.order_id.to_string();
+    eventually(WAIT, "the third delivery succeeds", || async {
+        if env.hits(&order).await == 1 {
+            Ok(())
+        } else {
+            Err(format!("{} calls", handler.calls().len()))
+        }
+    })
+    .await;
+    let calls = handler.calls();
+    assert_eq!(calls.iter().map(|c| c.1).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let first_gap = calls[1].2 - calls[0].2;
+    let second_gap = calls[2].2 - calls[1].2;
+    // The policy: 200 ms after delivery 1, 400 ms after delivery 2 (the test sets base 200 ms).
+    assert!(
+        first_gap >= Duration::from_millis(180),
+        "first retry after {first_gap:?}"
+    );
+    assert!(
+        second_gap >= Duration::from_millis(380),
+        "second retry after {second_gap:?}"
+    );
+    assert!(
+        second_gap > first_gap,
+        "delays grow: {first_gap:?} then {second_gap:?}"
+    );
+    // Failed attempts rolled back their effect: exactly one hit.
+    assert_eq!(env.hits(&order).await, 1);
+}
+
+/// A message that always fails ends in the dead-letter stream after max deliver, with the error
+/// and the delivery count.
+async fn always_failing_message_is_dead_lettered_after_max_deliver(db: TestDb) {
+    let env = Env::start(db).await;
+    let handler = ScriptedHandler::new(Script {
+        always_transient: true,
+        ..Script::default()
+    });
+    let _runner = env.run_handler(handler.clone());
+    let (meta, event) = order_created(1);
+    Publisher::new(&env.nats)
+        .publish_event(&meta, &event)
+        .await
+        .unwrap();
+
+    let dls = dead_letters(&env, 1).await;
+    let dl = &dls[0];
+    assert_eq!(
+        header(dl, headers::DL_REASON).as_deref(),
+        Some("retries-exhausted")
+    );
+    assert_eq!(
+        header(dl, headers::DL_DELIVERIES).as_deref(),
+        Some("3"),
+        "max_deliver is 3 in the test topology"
+    );
+    assert!(
+        header(dl, headers::DL_ERROR)
+            .unwrap()
+            .contains("boom: dependency unavailable")
+    );
+    assert_eq!(
+        header(dl, headers::CE_ID),
+        Some(meta.id.to_string()),
+        "original headers kept"
+    );
+    assert_eq!(handler.calls().len(), 3);
+    assert_eq!(
+        env.hits(&event.order_id.to_string()).await,
+        0,
+        "no effect survived"
+    );
+}
+
+/// A permanent error dead-letters at once.
+async fn permanent_failure_is_dead_lettered_at_once(db: TestDb) {
+    let env = Env::start(db).await;
+    let handler = ScriptedHandler::new(Script {
+        always_permanent: true,
+        ..Script::default()
+    });
+    let _runner = env.run_handler(handler.clone());
+    let (meta, event) = order_created(1);
+    Publisher::new(&env.nats)
+        .publish_event(&meta, &event)
+        .await
+        .unwrap();
+    let dls = dead_letters(&env, 1).await;
+    assert_eq!(
+        header(&dls[0], headers::DL_REASON).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(
+        header(&dls[0], headers::DL_DELIVERIES).as_deref(),
+        Some("1")
+    );
+    assert_eq!(handler.calls().len(), 1);
+}
+
+/// The same event delivered twice (here: published twice with different `Nats-Msg-Id`, as a
+/// relay re-publishing after the duplicate window would) changes state once.
+async fn the_same_event_twice_has_one_effect(db: TestDb) {
+    let env = Env::start(db).await;
+    let handler = ScriptedHandler::new(Script::default());
+    let _runner = env.run_handler(handler.clone());
+    let (meta, event) = order_created(1);
+    let payload = Bytes::from(orderflow_contracts::encode(&event));
+    let publisher = Publisher::new(&env.nats);
+    for copy in 0..2 {
+        let mut hdrs: Vec<(String, String)> = meta
+            .to_headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        hdrs.push((
+            headers::NATS_MSG_ID.to_owned(),
+            format!("{}-copy{copy}", meta.id),
+        ));
+        let published = publisher
+            .publish_raw(subjects::ORDER_CREATED, &hdrs, payload.clone())
+            .await
+            .unwrap();
+        assert!(!published.duplicate);
+    }
+    eventually(WAIT, "both copies are acked", || async {
+        let mut c = env
+            .js
+            .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                consumers::INVENTORY_ORDERS,
+                streams::ORDERS,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = c.info().await.map_err(|e| e.to_string())?;
+        if info.ack_floor.stream_sequence >= 2 {
+            Ok(())
+        } else {
+            Err(format!("ack floor {}", info.ack_floor.stream_sequence))
+        }
+    })
+    .await;
+    assert_eq!(
+        env.hits(&event.order_id.to_string()).await,
+        1,
+        "one effect for one event id"
+    );
+    assert_eq!(
+        handler.calls().len(),
+        1,
+        "the duplicate never reached the handler"
+    );
+}
+
+/// A handler slower than the ack wait is not redelivered while it works: the runner sends
+/// progress.
+async fn slow_handler_is_not_redelivered(db: TestDb) {
+    let env = Env::start(db).await; // ack wait 2 s
+    let handler = ScriptedHandler::new(Script {
+        prepare_delay: Duration::from_millis(4500),
+        ..Script::default()
+    });
+    let _runner = env.run_handler(handler.clone());
+    let (meta, event) = order_created(1);
+    Publisher::new(&env.nats)
+        .publish_event(&meta, &event)
+        .await
+        .unwrap();
+    let order = event.order_id.to_string();
+    eventually(WAIT, "the slow message is handled", || async {
+        if env.hits(&order).await == 1 {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        calls[0].1, 1,
+        "handled on its first delivery, never redelivered"
+    );
+}
+
+on_every_backend!(
+    poison_is_dead_lettered_at_once,
+    transient_failure_is_retried_with_growing_delays,
+    always_failing_message_is_dead_lettered_after_max_deliver,
+    permanent_failure_is_dead_lettered_at_once,
+    the_same_event_twice_has_one_effect,
+    slow_handler_is_not_redelivered,
+);

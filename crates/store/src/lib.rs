@@ -1,0 +1,126 @@
+//! Database access shared by every orderflow service.
+//!
+//! One service owns one database. The embedded default is SQLite (one file per service, WAL);
+//! PostgreSQL is the production store, selected by a `postgres://` URL. Both run through
+//! sqlx's `Any` driver with the same SQL: statements use `$1`-style parameters (SQLite accepts
+//! them too), integers are `BIGINT`/`i64`, times are `BIGINT` microseconds since the Unix epoch,
+//! and where the dialects really differ (auto-increment keys) a migration carries one text per
+//! backend, side by side ([`Migration`]).
+//!
+//! Layout:
+//! - [`Db`]: the connection pools and how to begin a write transaction;
+//! - [`migrate`]: a small migration runner that lets several components (the messaging
+//!   outbox/inbox, the service's own tables) keep their versions apart in one database;
+//! - [`StoreError`] and [`is_transient`]: errors shaped by how a caller reacts.
+
+mod db;
+pub mod migrate;
+
+pub use db::{Backend, Db, DbOptions, Tx};
+pub use migrate::{Migration, migrate};
+pub use sqlx::AssertSqlSafe;
+
+/// A database error, classified by how the caller should react.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("unsupported database URL {0:?}: expected sqlite://… or postgres://…")]
+    UnsupportedUrl(String),
+    /// Any error from the database driver.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (busy, locked, connection lost, deadlock...).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::UnsupportedUrl(_) => false,
+            Self::Sqlx(e) => is_transient(e),
+        }
+    }
+}
+
+/// Whether a driver error is worth retrying: contention, lost connections, a server restarting.
+/// Constraint violations, syntax errors and decoding errors are not.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| transient_code(&code)),
+        _ => false,
+    }
+}
+
+fn transient_code(code: &str) -> bool {
+    // PostgreSQL reports a SQLSTATE, always five characters: serialization failure, deadlock,
+    // connection exceptions (08), insufficient resources (53), operator intervention such as an
+    // admin shutdown (57).
+    if code.len() == 5 {
+        return matches!(code, "40001" | "40P01")
+            || ["08", "53", "57"].iter().any(|c| code.starts_with(c));
+    }
+    // SQLite reports its (extended) result code as a number below 10000: BUSY (5) and LOCKED
+    // (6), including their extended codes (whose low byte is the primary code).
+    code.parse::<u32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+}
+
+/// `$start, $start+1, …` — `n` numbered placeholders for an `IN (…)` list. sqlx's `Any`
+/// query builder writes `?`, which PostgreSQL does not accept; numbered ones work on both.
+pub fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Microseconds since the Unix epoch, the representation of every timestamp column.
+pub fn now_micros() -> i64 {
+    to_micros(time::OffsetDateTime::now_utc())
+}
+
+/// A time as microseconds since the Unix epoch.
+pub fn to_micros(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000) as i64
+}
+
+/// Microseconds since the Unix epoch back to a time (saturating at the representable range).
+pub fn from_micros(us: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_database_codes() {
+        assert!(transient_code("5"));
+        assert!(transient_code("517")); // SQLITE_BUSY_SNAPSHOT
+        assert!(transient_code("6"));
+        assert!(!transient_code("2067")); // SQLITE_CONSTRAINT_UNIQUE
+        assert!(transient_code("40P01"));
+        assert!(transient_code("57P01"));
+        assert!(transient_code("08006"));
+        assert!(transient_code("40001"));
+        assert!(!transient_code("23503"));
+        assert!(!transient_code("23505"));
+    }
+
+    #[test]
+    fn numbered_placeholders() {
+        assert_eq!(placeholders(2, 3), "$2, $3, $4");
+        assert_eq!(placeholders(1, 0), "");
+    }
+
+    #[test]
+    fn micros_round_trip() {
+        let t = time::OffsetDateTime::now_utc();
+        let back = from_micros(to_micros(t));
+        assert!((t - back).abs() < time::Duration::microseconds(1));
+    }
+}

@@ -1,0 +1,598 @@
+//! Real `nats-server` processes for tests: [`NatsServer`] (one JetStream server) and
+//! [`NatsCluster`] (`n` servers routed into one JetStream cluster), each with its own ports and
+//! store directories, killed and removed on drop.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::process::{self, LOG_TAIL_LINES};
+use crate::{POLL_INTERVAL, free_ports, http};
+
+/// How long a server (or a whole cluster) may take to become ready.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful stop may take before the server is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often startup is retried with new ports when a chosen port was taken meanwhile.
+const PORT_RETRIES: usize = 3;
+/// The readiness probe: 200 once JetStream is enabled.
+const HEALTHZ_JS: &str = "/healthz?js-enabled-only=true";
+/// Install hint quoted when no binary is found.
+const INSTALL_HINT: &str =
+    "run `make tools` or scripts/install-nats.sh, or set ORDERFLOW_NATS_SERVER";
+
+/// Path of the `nats-server` binary: `$ORDERFLOW_NATS_SERVER` if set, else
+/// `<workspace>/.tools/nats/bin/nats-server`, else `nats-server` on `PATH`.
+/// Panics with an install hint when none exists.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ORDERFLOW_NATS_SERVER").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "ORDERFLOW_NATS_SERVER={} does not exist; {INSTALL_HINT}",
+            path.display()
+        );
+        return path;
+    }
+    let local = crate::workspace_root().join(".tools/nats/bin/nats-server");
+    if local.is_file() {
+        return local;
+    }
+    if let Some(found) = find_on_path("nats-server") {
+        return found;
+    }
+    panic!(
+        "nats-server not found ({} is missing, and not on PATH); {INSTALL_HINT}",
+        local.display()
+    );
+}
+
+/// The first `name` in a `PATH` directory.
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Options for a [`NatsServer`]; start with [`NatsServer::builder`].
+#[derive(Debug, Default, Clone)]
+pub struct NatsServerBuilder {
+    port: Option<u16>,
+    config: Vec<String>,
+}
+
+impl NatsServerBuilder {
+    /// Listen for clients on this port instead of a random free one.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Appends a line (or block) to the server's configuration file, e.g.
+    /// `"max_payload: 65536"` or an `accounts { .. }` block.
+    #[must_use]
+    pub fn config(mut self, text: impl Into<String>) -> Self {
+        self.config.push(text.into());
+        self
+    }
+
+    /// Starts the server and waits until it is ready (see [`NatsServer::start`]).
+    pub async fn start(self) -> NatsServer {
+        let extra = self.config.join("\n");
+        let name = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        for attempt in 1..=PORT_RETRIES {
+            let ports = free_ports(2);
+            let port = self.port.unwrap_or(ports[0]);
+            let mut server = NatsServer::create(name.clone(), port, ports[1], extra.clone());
+            server.spawn();
+            match server.wait_ready(false).await {
+                Ok(()) => return server,
+                Err(failure) if failure.port_taken && attempt < PORT_RETRIES => {}
+                Err(failure) => server.fail("start", &failure.reason),
+            }
+        }
+        unreachable!("the last attempt either returns or panics");
+    }
+}
+
+/// A real `nats-server` child process with JetStream enabled, listening on 127.0.0.1, with its
+/// own store directory. Dropping it kills the process and removes the directory.
+///
+/// ```no_run
+/// # async fn demo() {
+/// let mut nats = orderflow_testkit::NatsServer::start().await;
+/// let url = nats.url(); // nats://127.0.0.1:PORT, pass it to async_nats::connect
+/// nats.kill();
+/// nats.restart().await; // same port, same store: JetStream state survives
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct NatsServer {
+    name: String,
+    port: u16,
+    monitor_port: u16,
+    /// Configuration appended after the generated part (user lines, the cluster block).
+    extra_config: String,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Options for a server with a fixed port or extra configuration.
+    pub fn builder() -> NatsServerBuilder {
+        NatsServerBuilder::default()
+    }
+
+    /// Starts a server on a random free port and waits (up to 10 s) until
+    /// `/healthz?js-enabled-only=true` answers 200 and the client port accepts connections.
+    pub async fn start() -> Self {
+        Self::builder().start().await
+    }
+
+    /// Starts a server whose clients connect to `port`.
+    pub async fn start_on(port: u16) -> Self {
+        Self::builder().port(port).start().await
+    }
+
+    /// Creates the directory and configuration of a server without starting it.
+    fn create(name: String, port: u16, monitor_port: u16, extra_config: String) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("orderflow-nats-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir for nats-server {name}: {e}"));
+        let server = Self {
+            name,
+            port,
+            monitor_port,
+            extra_config,
+            child: None,
+            dir,
+        };
+        server.write_config();
+        server
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The HTTP monitoring port (`/healthz`, `/varz`, `/jsz`, ...).
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    /// The server's `server_name`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The JetStream store directory (kept across [`Self::restart`]).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// The configuration file the server runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nats.conf")
+    }
+
+    /// The last `lines` lines of the server log, followed by anything written to stderr
+    /// (errors raised before the log file was opened, e.g. a bad configuration).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = process::tail_file(&self.log_path(), lines);
+        let stderr = process::tail_file(&self.stderr_path(), lines);
+        if !stderr.trim().is_empty() && !stderr.starts_with("<cannot read") {
+            let _ = write!(text, "\n--- stderr ---\n{stderr}");
+        }
+        text
+    }
+
+    /// Whether the process is running (it was started and has not exited).
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, like a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                child
+                    .kill()
+                    .unwrap_or_else(|e| panic!("cannot kill nats-server {}: {e}", self.name));
+            }
+            child
+                .wait()
+                .unwrap_or_else(|e| panic!("cannot reap nats-server {}: {e}", self.name));
+        }
+    }
+
+    /// Stops the server gracefully: SIGTERM, then waits up to 10 s (and kills it after that).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            process::send_signal(child.id(), "TERM")
+                .unwrap_or_else(|e| panic!("cannot stop nats-server {}: {e}", self.name));
+        }
+        let exited = process::wait_timeout(&mut child, STOP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("cannot wait for nats-server {}: {e}", self.name));
+        if exited.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "nats-server {} did not stop within {STOP_TIMEOUT:?} of SIGTERM; log tail:\n{}",
+                self.name,
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+    }
+
+    /// Starts the server again on the same ports with the same store directory, so JetStream
+    /// state survives. A running server is stopped gracefully first.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        if let Err(failure) = self.wait_ready(false).await {
+            self.fail("restart", &failure.reason);
+        }
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir.path().join("stderr.log")
+    }
+
+    fn write_config(&self) {
+        let dir = self.dir.path();
+        let mut config = format!(
+            "server_name: \"{name}\"\n\
+             listen: \"127.0.0.1:{port}\"\n\
+             http: \"127.0.0.1:{monitor}\"\n\
+             log_file: \"{log}\"\n\
+             jetstream {{\n  store_dir: \"{store}\"\n}}\n",
+            name = self.name,
+            port = self.port,
+            monitor = self.monitor_port,
+            log = self.log_path().display(),
+            store = dir.join("jetstream").display(),
+        );
+        config.push_str(&self.extra_config);
+        config.push('\n');
+        std::fs::write(self.config_path(), config).unwrap_or_else(|e| {
+            panic!("cannot write {}: {e}", self.config_path().display());
+        });
+    }
+
+    /// Spawns the process with the configuration file; does not wait for readiness.
+    fn spawn(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "nats-server {} is already running",
+            self.name
+        );
+        let (stdout, stderr) = process::open_log_pair(&self.stderr_path())
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", self.stderr_path().display()));
+        let binary = nats_server_binary();
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {}: {e}; {INSTALL_HINT}", binary.display()));
+        self.child = Some(child);
+    }
+
+    /// Waits until the server is ready: JetStream enabled, client port accepting connections
+    /// and, when `need_meta_leader`, a known JetStream meta leader.
+    async fn wait_ready(&mut self, need_meta_leader: bool) -> Result<(), StartFailure> {
+        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                let log = self.log_tail(LOG_TAIL_LINES);
+                return Err(StartFailure {
+                    port_taken: log.contains("address already in use"),
+                    reason: format!("the process exited ({status})"),
+                });
+            }
+            let last = match self.probe(need_meta_leader).await {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StartFailure {
+                    port_taken: false,
+                    reason: format!("not ready within {STARTUP_TIMEOUT:?}: {last}"),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// One readiness probe; `Err` says what is not ready yet.
+    async fn probe(&self, need_meta_leader: bool) -> Result<(), String> {
+        let health = http::get(self.monitor_port, HEALTHZ_JS)
+            .await
+            .map_err(|e| format!("GET {HEALTHZ_JS}: {e}"))?;
+        if health.status != 200 {
+            return Err(format!(
+                "GET {HEALTHZ_JS}: {} {}",
+                health.status,
+                health.body.trim()
+            ));
+        }
+        // JetStream is enabled before the client listener starts: check the client port too.
+        tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .map_err(|e| format!("client port {}: {e}", self.port))?;
+        if need_meta_leader {
+            let leader = self.meta_leader().await?;
+            if leader.is_empty() {
+                return Err("no JetStream meta leader yet".to_owned());
+            }
+            // The full health check: this node's JetStream (meta layer) is current.
+            let full = http::get(self.monitor_port, "/healthz")
+                .await
+                .map_err(|e| format!("GET /healthz: {e}"))?;
+            if full.status != 200 {
+                return Err(format!(
+                    "GET /healthz: {} {}",
+                    full.status,
+                    full.body.trim()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The JetStream meta leader as this server sees it (`/jsz` → `meta_cluster.leader`);
+    /// empty while there is none.
+    async fn meta_leader(&self) -> Result<String, String> {
+        let jsz = http::get(self.monitor_port, "/jsz")
+            .await
+            .map_err(|e| format!("GET /jsz: {e}"))?;
+        if jsz.status != 200 {
+            return Err(format!("GET /jsz: {} {}", jsz.status, jsz.body.trim()));
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&jsz.body).map_err(|e| format!("GET /jsz: bad JSON: {e}"))?;
+        Ok(json
+            .pointer("/meta_cluster/leader")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    fn fail(&mut self, action: &str, reason: &str) -> ! {
+        self.kill();
+        panic!(
+            "cannot {action} nats-server {} (client port {}, monitor port {}): {reason}\n\
+             config {}; log tail:\n{}",
+            self.name,
+            self.port,
+            self.monitor_port,
+            self.config_path().display(),
+            self.log_tail(LOG_TAIL_LINES)
+        );
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Errors cannot be reported from Drop; the process is gone or unkillable anyway.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Why a server did not become ready.
+struct StartFailure {
+    /// A chosen port was taken by someone else: retrying with new ports may help.
+    port_taken: bool,
+    reason: String,
+}
+
+/// `n` `nats-server` processes on loopback routed into one JetStream cluster.
+///
+/// Connect with the list of URLs, not a comma-separated string: `async_nats::connect` accepts
+/// any `ToServerAddrs`, which includes `Vec<String>` and `&[String]`, but it parses a `&str` as
+/// one URL. [`Self::client_url`] is for places that take a comma-separated list (environment
+/// variables, the `nats` CLI).
+///
+/// ```no_run
+/// # async fn demo() {
+/// let mut cluster = orderflow_testkit::NatsCluster::start(3).await;
+/// let urls = cluster.urls(); // async_nats::connect(urls)
+/// cluster.kill(0);
+/// cluster.restart(0).await;
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct NatsCluster {
+    name: String,
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits (up to 10 s per node) until each answers
+    /// `/healthz?js-enabled-only=true` with 200, knows the JetStream meta leader and answers
+    /// the full `/healthz` (JetStream current) with 200.
+    pub async fn start(n: usize) -> Self {
+        assert!(n > 0, "a cluster needs at least one node");
+        let name = format!(
+            "orderflow-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        for attempt in 1..=PORT_RETRIES {
+            let ports = free_ports(3 * n);
+            let (client, rest) = ports.split_at(n);
+            let (monitor, route) = rest.split_at(n);
+            let mut nodes: Vec<NatsServer> = (0..n)
+                .map(|i| {
+                    let routes: Vec<String> = (0..n)
+                        .filter(|&j| j != i)
+                        .map(|j| format!("\"nats-route://127.0.0.1:{}\"", route[j]))
+                        .collect();
+                    let block = format!(
+                        "cluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{}\"\n  \
+                         routes: [{}]\n}}",
+                        route[i],
+                        routes.join(", ")
+                    );
+                    NatsServer::create(format!("n{i}"), client[i], monitor[i], block)
+                })
+                .collect();
+            for node in &mut nodes {
+                node.spawn();
+            }
+            let mut failure = None;
+            for (i, node) in nodes.iter_mut().enumerate() {
+                if let Err(f) = node.wait_ready(true).await {
+                    failure = Some((i, f));
+                    break;
+                }
+            }
+            let Some((i, failure)) = failure else {
+                return Self { name, nodes };
+            };
+            if !(failure.port_taken && attempt < PORT_RETRIES) {
+                for node in &mut nodes {
+                    node.kill();
+                }
+                nodes[i].fail("start cluster node", &failure.reason);
+            }
+        }
+        unreachable!("the last attempt either returns or panics");
+    }
+
+    /// The cluster name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The number of nodes.
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Node `i` (0-based).
+    pub fn node(&self, i: usize) -> &NatsServer {
+        &self.nodes[i]
+    }
+
+    /// Every node's client URL; pass this to `async_nats::connect`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// Every node's client URL joined with commas, for environment variables and CLIs that
+    /// split on commas. `async_nats::connect` does not split it: use [`Self::urls`] there.
+    pub fn client_url(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Stops node `i` gracefully (SIGTERM).
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Restarts node `i` with its ports and store, and waits until it is healthy (full
+    /// `/healthz`, so its JetStream state has caught up) and knows the meta leader again.
+    pub async fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.stop();
+        node.spawn();
+        if let Err(failure) = node.wait_ready(true).await {
+            node.fail("restart cluster node", &failure.reason);
+        }
+    }
+
+    /// Waits (up to 10 s) until every running node reports the same, non-empty JetStream meta
+    /// leader, and returns its server name. Useful after killing the leader.
+    pub async fn wait_for_meta_leader(&mut self) -> String {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_running())
+            .collect();
+        let nodes = &self.nodes;
+        crate::eventually(STARTUP_TIMEOUT, "an agreed JetStream meta leader", || {
+            let running = running.clone();
+            async move {
+                let mut seen = Vec::new();
+                for i in running {
+                    seen.push(nodes[i].meta_leader().await?);
+                }
+                match seen.first() {
+                    Some(first) if !first.is_empty() && seen.iter().all(|l| l == first) => {
+                        Ok(first.clone())
+                    }
+                    _ => Err(format!("nodes report meta leaders {seen:?}")),
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_is_found_or_hint_given() {
+        // Either the pinned binary (or an override) exists, or the panic carries the hint.
+        match std::panic::catch_unwind(nats_server_binary) {
+            Ok(path) => assert!(path.is_file()),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_default();
+                assert!(message.contains("make tools"), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn path_lookup_finds_sh() {
+        assert!(find_on_path("sh").is_some());
+        assert!(find_on_path("definitely-not-a-binary-7f3a").is_none());
+    }
+
+    #[test]
+    fn server_paths_live_in_its_dir() {
+        let server = NatsServer::create("t".into(), 1, 2, String::new());
+        let config = std::fs::read_to_string(server.config_path()).unwrap();
+        assert!(config.contains("listen: \"127.0.0.1:1\""), "{config}");
+        assert!(server.store_dir().starts_with(server.dir.path()));
+    }
+}
