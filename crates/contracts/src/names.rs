@@ -61,9 +61,9 @@ pub mod consumers {
     pub const PAYMENT_INVENTORY: &str = "payment-inventory";
     /// Payment reads `orders.cancelled` (refund or never charge).
     pub const PAYMENT_ORDERS: &str = "payment-orders";
-    /// Order reads `inventory.rejected`.
+    /// Order reads `inventory.rejected` and `inventory.reserved`.
     pub const ORDER_INVENTORY: &str = "order-inventory";
-    /// Order reads `payments.completed` and `payments.failed`.
+    /// Order reads `payments.completed`, `payments.failed` and `payments.refunded`.
     pub const ORDER_PAYMENTS: &str = "order-payments";
 }
 

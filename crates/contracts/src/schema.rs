@@ -164,3 +164,49 @@ pub trait Inbound: Sized + Send + 'static {
     /// Decodes a payload of the given `ce-type`.
     fn decode(event_type: &str, payload: &[u8]) -> Result<Self, ContractError>;
 }
+
+/// Declares a consumer's input enum and its [`Inbound`] implementation in one go:
+///
+/// ```
+/// use orderflow_contracts::events::{OrderCancelled, OrderCreated};
+///
+/// orderflow_contracts::inbound! {
+///     /// What the inventory service reads from `ORDERS`.
+///     pub enum OrderEvent {
+///         Created(OrderCreated),
+///         Cancelled(OrderCancelled),
+///     }
+/// }
+/// # use orderflow_contracts::Inbound;
+/// assert_eq!(OrderEvent::TYPES.len(), 2);
+/// ```
+///
+/// Each variant's type is decoded (and schema-checked) when the message's `ce-type` is the
+/// type's [`Event::TYPE`]; any other `ce-type` is [`ContractError::UnsupportedType`]. A later
+/// version of an event is added as another variant, or upcast in a hand-written impl.
+#[macro_export]
+macro_rules! inbound {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($variant:ident($event:ty)),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        $vis enum $name {
+            $(
+                #[doc = concat!("A `", stringify!($event), "`.")]
+                $variant($event),
+            )+
+        }
+
+        impl $crate::Inbound for $name {
+            const TYPES: &'static [&'static str] = &[$(<$event as $crate::Event>::TYPE),+];
+
+            fn decode(event_type: &str, payload: &[u8]) -> Result<Self, $crate::ContractError> {
+                $(
+                    if event_type == <$event as $crate::Event>::TYPE {
+                        return $crate::decode::<$event>(payload).map(Self::$variant);
+                    }
+                )+
+                Err($crate::ContractError::UnsupportedType(event_type.to_owned()))
+            }
+        }
+    };
+}

@@ -172,14 +172,18 @@ impl Topology {
                 consumer(
                     streams::INVENTORY,
                     consumers::ORDER_INVENTORY,
-                    &[subjects::STOCK_REJECTED],
-                    "order cancels orders whose stock was rejected",
+                    &[subjects::STOCK_REJECTED, subjects::STOCK_RESERVED],
+                    "order cancels orders whose stock was rejected and records reservations",
                 ),
                 consumer(
                     streams::PAYMENTS,
                     consumers::ORDER_PAYMENTS,
-                    &[subjects::PAYMENT_COMPLETED, subjects::PAYMENT_FAILED],
-                    "order confirms or cancels orders on payment outcomes",
+                    &[
+                        subjects::PAYMENT_COMPLETED,
+                        subjects::PAYMENT_FAILED,
+                        subjects::PAYMENT_REFUNDED,
+                    ],
+                    "order confirms or cancels orders on payment outcomes and records refunds",
                 ),
             ],
         }

@@ -1,5 +1,10 @@
 //! The consumer runner against a real nats-server, on SQLite and PostgreSQL.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    missing_docs
+)]
 
 mod common;
 

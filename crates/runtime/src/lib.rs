@@ -1,1 +1,21 @@
-//! Placeholder.
+//! What every orderflow service process shares, in one place.
+//!
+//! - [`config`]: the settings every service has (NATS, database, HTTP address, logging,
+//!   stream and consumer tuning), as CLI flags with matching `ORDERFLOW_*` environment
+//!   variables, and a duration parser;
+//! - [`telemetry`]: structured logs (JSON, or pretty on a terminal) and the Prometheus recorder;
+//! - [`http`]: the probe routes (`/livez`, `/readyz`, `/health`, `/metrics`), HTTP metrics,
+//!   request correlation, and RFC 9457 problem responses;
+//! - [`host`]: the service host — the composition root's shared half. It connects the
+//!   database and NATS, migrates, reconciles the topology, runs the outbox relay, the consumer
+//!   runners and the HTTP server on one task tracker, and shuts them down in order on SIGTERM or
+//!   SIGINT: stop intake, settle in-flight messages, flush the outbox, drain NATS.
+
+pub mod config;
+pub mod host;
+pub mod http;
+pub mod telemetry;
+
+pub use config::{CommonConfig, parse_duration};
+pub use host::{ServiceHost, shutdown_signal};
+pub use http::{Problem, Readiness};

@@ -199,7 +199,7 @@ fn create_parent_dir(url: &str) {
 }
 
 /// A URL with its password replaced, for error messages and logs.
-pub(crate) fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];

@@ -16,7 +16,7 @@
 mod db;
 pub mod migrate;
 
-pub use db::{Backend, Db, DbOptions, Tx};
+pub use db::{Backend, Db, DbOptions, Tx, redact};
 pub use migrate::{Migration, migrate};
 pub use sqlx::AssertSqlSafe;
 

@@ -9,15 +9,22 @@
 //!
 //! - [`NatsServer`] / [`NatsServerBuilder`]: one JetStream-enabled `nats-server` child process
 //!   on a free loopback port, with kill / graceful stop / restart keeping its store.
-//! - [`NatsCluster`]: `n` such servers routed into one JetStream cluster.
-//! - [`PostgresServer`]: a throwaway PostgreSQL cluster (`initdb` + `pg_ctl`) in a temp dir.
+//! - [`NatsCluster`] / [`NatsClusterBuilder`]: `n` such servers routed into one JetStream
+//!   cluster.
+//! - [`PostgresServer`] / [`PostgresServerBuilder`]: a throwaway PostgreSQL cluster (`initdb` +
+//!   `pg_ctl`) in a temp dir.
+//! - [`ChildProcess`] and [`binary_path`]: run workspace binaries as real processes, their
+//!   output captured to a log file (and optionally forwarded, prefixed, to stdout).
 //! - [`TestDatabase`]: a fresh PostgreSQL database for one test, on the shared server named by
 //!   `ORDERFLOW_TEST_POSTGRES_URL` or on a private [`PostgresServer`].
 //! - [`TempSqlite`]: a SQLite file in a temp dir.
 //! - [`TestDb`] and [`on_every_backend!`]: run one test body against every storage backend.
-//! - [`ChildProcess`] and [`binary_path`]: run workspace binaries as real processes, their
-//!   output captured to a log file.
 //! - [`eventually`] / [`eventually_true`]: poll a condition until it holds or a deadline passes.
+//!
+//! The builders' defaults are what tests want (random ports, temp dirs removed on drop). Their
+//! options for fixed ports, persistent data dirs (kept on drop; the server is stopped
+//! gracefully) and a process group of its own exist for the `orderflow up` developer tool,
+//! which runs the same servers for as long as a developer needs them.
 //!
 //! # Environment
 //!
@@ -50,8 +57,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use backend::TestDb;
-pub use nats::{NatsCluster, NatsServer, NatsServerBuilder, nats_server_binary};
-pub use postgres::{PostgresServer, TestDatabase, postgres_bin_dir};
+pub use nats::{
+    NatsCluster, NatsClusterBuilder, NatsServer, NatsServerBuilder, nats_server_binary,
+};
+pub use postgres::{PostgresServer, PostgresServerBuilder, TestDatabase, postgres_bin_dir};
 pub use process::ChildProcess;
 pub use sqlite::TempSqlite;
 

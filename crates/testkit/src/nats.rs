@@ -3,7 +3,8 @@
 //! store directories, killed and removed on drop.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -58,10 +59,33 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// How a server process is launched: which binary, and in which process group.
+#[derive(Debug, Default, Clone)]
+struct Launch {
+    /// The `nats-server` binary; `None` means [`nats_server_binary`].
+    binary: Option<PathBuf>,
+    /// Put the server in a process group of its own (see [`NatsServerBuilder::own_process_group`]).
+    own_process_group: bool,
+}
+
+impl Launch {
+    fn binary(&self) -> PathBuf {
+        self.binary.clone().unwrap_or_else(nats_server_binary)
+    }
+}
+
 /// Options for a [`NatsServer`]; start with [`NatsServer::builder`].
+///
+/// The defaults suit tests (random ports, a temp store removed on drop); the options for a
+/// fixed monitoring port, a persistent store and a process group of its own exist for
+/// long-running local setups such as `orderflow up`.
 #[derive(Debug, Default, Clone)]
 pub struct NatsServerBuilder {
     port: Option<u16>,
+    monitor_port: Option<u16>,
+    name: Option<String>,
+    store_dir: Option<PathBuf>,
+    launch: Launch,
     config: Vec<String>,
 }
 
@@ -70,6 +94,49 @@ impl NatsServerBuilder {
     #[must_use]
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
+        self
+    }
+
+    /// Serve HTTP monitoring (`/healthz`, `/varz`, `/jsz`) on this port instead of a random
+    /// free one.
+    #[must_use]
+    pub fn monitor_port(mut self, port: u16) -> Self {
+        self.monitor_port = Some(port);
+        self
+    }
+
+    /// The server's `server_name` (default: `test-<random>`). A persistent store should keep
+    /// its server name from one run to the next.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Keep the JetStream store in `dir` (created when missing) instead of the server's temp
+    /// dir. The directory is persistent: dropping the server stops it gracefully (SIGTERM,
+    /// then SIGKILL after 10 s) and leaves `dir` and its contents in place, so the next server
+    /// started on the same `dir` finds its streams again.
+    #[must_use]
+    pub fn store_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.store_dir = Some(dir.into());
+        self
+    }
+
+    /// Run this `nats-server` binary instead of the one [`nats_server_binary`] finds.
+    #[must_use]
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.launch.binary = Some(path.into());
+        self
+    }
+
+    /// Start the server in a process group of its own, so that a Ctrl-C in the terminal
+    /// (SIGINT to the foreground process group) reaches only the parent, which can then stop
+    /// its processes in order. The parent is responsible for stopping it: a parent killed by a
+    /// signal leaves such a server running. Tests should not use this.
+    #[must_use]
+    pub fn own_process_group(mut self) -> Self {
+        self.launch.own_process_group = true;
         self
     }
 
@@ -84,15 +151,28 @@ impl NatsServerBuilder {
     /// Starts the server and waits until it is ready (see [`NatsServer::start`]).
     pub async fn start(self) -> NatsServer {
         let extra = self.config.join("\n");
-        let name = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        // New ports only help when at least one of them is chosen here.
+        let all_fixed = self.port.is_some() && self.monitor_port.is_some();
         for attempt in 1..=PORT_RETRIES {
             let ports = free_ports(2);
             let port = self.port.unwrap_or(ports[0]);
-            let mut server = NatsServer::create(name.clone(), port, ports[1], extra.clone());
+            let monitor_port = self.monitor_port.unwrap_or(ports[1]);
+            let mut server = NatsServer::create_with(
+                name.clone(),
+                port,
+                monitor_port,
+                extra.clone(),
+                self.store_dir.clone(),
+                self.launch.clone(),
+            );
             server.spawn();
             match server.wait_ready(false).await {
                 Ok(()) => return server,
-                Err(failure) if failure.port_taken && attempt < PORT_RETRIES => {}
+                Err(failure) if failure.port_taken && !all_fixed && attempt < PORT_RETRIES => {}
                 Err(failure) => server.fail("start", &failure.reason),
             }
         }
@@ -101,7 +181,9 @@ impl NatsServerBuilder {
 }
 
 /// A real `nats-server` child process with JetStream enabled, listening on 127.0.0.1, with its
-/// own store directory. Dropping it kills the process and removes the directory.
+/// own store directory. Dropping it kills the process and removes the directory — unless the
+/// store was given with [`NatsServerBuilder::store_dir`]: then dropping it stops the server
+/// gracefully and keeps the store.
 ///
 /// ```no_run
 /// # async fn demo() {
@@ -118,7 +200,11 @@ pub struct NatsServer {
     monitor_port: u16,
     /// Configuration appended after the generated part (user lines, the cluster block).
     extra_config: String,
+    /// The persistent JetStream store given to the builder; `None`: `<dir>/jetstream`.
+    persistent_store: Option<PathBuf>,
+    launch: Launch,
     child: Option<Child>,
+    /// Configuration, log and (unless persistent) the store; removed on drop.
     dir: TempDir,
 }
 
@@ -139,17 +225,49 @@ impl NatsServer {
         Self::builder().port(port).start().await
     }
 
-    /// Creates the directory and configuration of a server without starting it.
+    /// Creates the directory and configuration of a server with default options without
+    /// starting it.
+    #[cfg(test)]
     fn create(name: String, port: u16, monitor_port: u16, extra_config: String) -> Self {
+        Self::create_with(
+            name,
+            port,
+            monitor_port,
+            extra_config,
+            None,
+            Launch::default(),
+        )
+    }
+
+    /// Creates the directory and configuration of a server without starting it;
+    /// `persistent_store` is created when missing.
+    fn create_with(
+        name: String,
+        port: u16,
+        monitor_port: u16,
+        extra_config: String,
+        persistent_store: Option<PathBuf>,
+        launch: Launch,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("orderflow-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir for nats-server {name}: {e}"));
+        if let Some(store) = &persistent_store {
+            std::fs::create_dir_all(store).unwrap_or_else(|e| {
+                panic!(
+                    "cannot create the JetStream store {} for nats-server {name}: {e}",
+                    store.display()
+                )
+            });
+        }
         let server = Self {
             name,
             port,
             monitor_port,
             extra_config,
+            persistent_store,
+            launch,
             child: None,
             dir,
         };
@@ -177,9 +295,13 @@ impl NatsServer {
         &self.name
     }
 
-    /// The JetStream store directory (kept across [`Self::restart`]).
+    /// The JetStream store directory (kept across [`Self::restart`]; kept after drop too when
+    /// it was given with [`NatsServerBuilder::store_dir`]).
     pub fn store_dir(&self) -> PathBuf {
-        self.dir.path().join("jetstream")
+        match &self.persistent_store {
+            Some(store) => store.clone(),
+            None => self.dir.path().join("jetstream"),
+        }
     }
 
     /// The server's log file.
@@ -262,7 +384,6 @@ impl NatsServer {
     }
 
     fn write_config(&self) {
-        let dir = self.dir.path();
         let mut config = format!(
             "server_name: \"{name}\"\n\
              listen: \"127.0.0.1:{port}\"\n\
@@ -273,7 +394,7 @@ impl NatsServer {
             port = self.port,
             monitor = self.monitor_port,
             log = self.log_path().display(),
-            store = dir.join("jetstream").display(),
+            store = self.store_dir().display(),
         );
         config.push_str(&self.extra_config);
         config.push('\n');
@@ -291,8 +412,12 @@ impl NatsServer {
         );
         let (stdout, stderr) = process::open_log_pair(&self.stderr_path())
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", self.stderr_path().display()));
-        let binary = nats_server_binary();
-        let child = Command::new(&binary)
+        let binary = self.launch.binary();
+        let mut command = Command::new(&binary);
+        if self.launch.own_process_group {
+            command.process_group(0);
+        }
+        let child = command
             .arg("-c")
             .arg(self.config_path())
             .stdin(Stdio::null())
@@ -403,7 +528,16 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // Errors cannot be reported from Drop; the process is gone or unkillable anyway.
+            // A persistent store outlives this handle: let the server flush it and shut down
+            // cleanly first. Errors cannot be reported from Drop; the process is gone or
+            // unkillable anyway.
+            if self.persistent_store.is_some()
+                && matches!(child.try_wait(), Ok(None))
+                && process::send_signal(child.id(), "TERM").is_ok()
+                && matches!(process::wait_timeout(&mut child, STOP_TIMEOUT), Ok(Some(_)))
+            {
+                return;
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -438,20 +572,95 @@ pub struct NatsCluster {
     nodes: Vec<NatsServer>,
 }
 
-impl NatsCluster {
-    /// Starts `n` nodes and waits (up to 10 s per node) until each answers
-    /// `/healthz?js-enabled-only=true` with 200, knows the JetStream meta leader and answers
-    /// the full `/healthz` (JetStream current) with 200.
-    pub async fn start(n: usize) -> Self {
+/// Options for a [`NatsCluster`]; start with [`NatsCluster::builder`].
+///
+/// By default every port is a random free one and every store a temp dir (what tests want).
+/// Base ports give node `i` the port `base + i`; a data dir gives node `i` the persistent
+/// JetStream store `<data dir>/nats-<i>` (see [`NatsServerBuilder::store_dir`]).
+#[derive(Debug, Clone)]
+pub struct NatsClusterBuilder {
+    size: usize,
+    name: Option<String>,
+    client_base: Option<u16>,
+    route_base: Option<u16>,
+    monitor_base: Option<u16>,
+    data_dir: Option<PathBuf>,
+    launch: Launch,
+}
+
+impl NatsClusterBuilder {
+    /// The cluster name (default: `orderflow-test-<random>`). A persistent cluster should keep
+    /// its name from one run to the next.
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Node `i` listens for clients on `base + i`.
+    #[must_use]
+    pub fn client_ports(mut self, base: u16) -> Self {
+        self.client_base = Some(base);
+        self
+    }
+
+    /// Node `i` listens for cluster routes on `base + i`.
+    #[must_use]
+    pub fn route_ports(mut self, base: u16) -> Self {
+        self.route_base = Some(base);
+        self
+    }
+
+    /// Node `i` serves HTTP monitoring on `base + i`.
+    #[must_use]
+    pub fn monitor_ports(mut self, base: u16) -> Self {
+        self.monitor_base = Some(base);
+        self
+    }
+
+    /// Node `i` keeps its JetStream store in `<dir>/nats-<i>`, which is kept when the cluster
+    /// is dropped (the nodes are then stopped gracefully).
+    #[must_use]
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Run this `nats-server` binary (see [`NatsServerBuilder::binary`]).
+    #[must_use]
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.launch.binary = Some(path.into());
+        self
+    }
+
+    /// Start every node in a process group of its own (see
+    /// [`NatsServerBuilder::own_process_group`]).
+    #[must_use]
+    pub fn own_process_group(mut self) -> Self {
+        self.launch.own_process_group = true;
+        self
+    }
+
+    /// Starts the nodes and waits until the cluster is ready (see [`NatsCluster::start`]).
+    pub async fn start(self) -> NatsCluster {
+        let n = self.size;
         assert!(n > 0, "a cluster needs at least one node");
-        let name = format!(
-            "orderflow-test-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        let name = self.name.clone().unwrap_or_else(|| {
+            format!(
+                "orderflow-test-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+        // New ports only help when at least one kind of port is chosen here.
+        let all_fixed =
+            self.client_base.is_some() && self.route_base.is_some() && self.monitor_base.is_some();
         for attempt in 1..=PORT_RETRIES {
             let ports = free_ports(3 * n);
             let (client, rest) = ports.split_at(n);
             let (monitor, route) = rest.split_at(n);
+            let client = with_base(client, self.client_base);
+            let monitor = with_base(monitor, self.monitor_base);
+            let route = with_base(route, self.route_base);
             let mut nodes: Vec<NatsServer> = (0..n)
                 .map(|i| {
                     let routes: Vec<String> = (0..n)
@@ -464,7 +673,15 @@ impl NatsCluster {
                         route[i],
                         routes.join(", ")
                     );
-                    NatsServer::create(format!("n{i}"), client[i], monitor[i], block)
+                    let store = self.data_dir.as_deref().map(|dir| node_store(dir, i));
+                    NatsServer::create_with(
+                        format!("n{i}"),
+                        client[i],
+                        monitor[i],
+                        block,
+                        store,
+                        self.launch.clone(),
+                    )
                 })
                 .collect();
             for node in &mut nodes {
@@ -478,16 +695,59 @@ impl NatsCluster {
                 }
             }
             let Some((i, failure)) = failure else {
-                return Self { name, nodes };
+                return NatsCluster { name, nodes };
             };
-            if !(failure.port_taken && attempt < PORT_RETRIES) {
+            if !(failure.port_taken && !all_fixed && attempt < PORT_RETRIES) {
                 for node in &mut nodes {
                     node.kill();
                 }
                 nodes[i].fail("start cluster node", &failure.reason);
             }
+            // Retrying with new ports: the nodes of this attempt are killed when dropped here.
         }
         unreachable!("the last attempt either returns or panics");
+    }
+}
+
+/// `base + i` for every node when a base port is given, else the random `ports`.
+fn with_base(ports: &[u16], base: Option<u16>) -> Vec<u16> {
+    match base {
+        Some(base) => (0..ports.len())
+            .map(|i| {
+                u16::try_from(i)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .unwrap_or_else(|| panic!("base port {base} + node {i} exceeds 65535"))
+            })
+            .collect(),
+        None => ports.to_vec(),
+    }
+}
+
+/// The persistent store of node `i` under a cluster's data dir.
+fn node_store(data_dir: &Path, i: usize) -> PathBuf {
+    data_dir.join(format!("nats-{i}"))
+}
+
+impl NatsCluster {
+    /// Options for a cluster of `n` nodes with fixed ports, a persistent data dir or a name.
+    pub fn builder(n: usize) -> NatsClusterBuilder {
+        NatsClusterBuilder {
+            size: n,
+            name: None,
+            client_base: None,
+            route_base: None,
+            monitor_base: None,
+            data_dir: None,
+            launch: Launch::default(),
+        }
+    }
+
+    /// Starts `n` nodes and waits (up to 10 s per node) until each answers
+    /// `/healthz?js-enabled-only=true` with 200, knows the JetStream meta leader and answers
+    /// the full `/healthz` (JetStream current) with 200.
+    pub async fn start(n: usize) -> Self {
+        Self::builder(n).start().await
     }
 
     /// The cluster name.
@@ -514,6 +774,11 @@ impl NatsCluster {
     /// split on commas. `async_nats::connect` does not split it: use [`Self::urls`] there.
     pub fn client_url(&self) -> String {
         self.urls().join(",")
+    }
+
+    /// Whether node `i` is running (it was started and has not exited).
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.nodes[i].is_running()
     }
 
     /// Kills node `i` with SIGKILL.

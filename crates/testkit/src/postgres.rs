@@ -1,6 +1,7 @@
 //! Real PostgreSQL for tests: [`PostgresServer`] runs a throwaway cluster (`initdb` + `pg_ctl`)
-//! in a temp dir, and [`TestDatabase`] gives one test a fresh, empty database — on the shared
-//! server named by `ORDERFLOW_TEST_POSTGRES_URL` when set, else on a private server.
+//! in a temp dir (or, through [`PostgresServerBuilder`], a persistent one on a fixed port), and
+//! [`TestDatabase`] gives one test a fresh, empty database — on the shared server named by
+//! `ORDERFLOW_TEST_POSTGRES_URL` when set, else on a private server.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -62,24 +63,47 @@ pub fn postgres_bin_dir() -> PathBuf {
     panic!("PostgreSQL server binaries (initdb, pg_ctl) not found; {INSTALL_HINT}");
 }
 
-/// A throwaway PostgreSQL server: a fresh cluster in a temp dir, listening on a free port of
-/// 127.0.0.1 (socket in the same dir), `fsync=off`, trust authentication for user `postgres`.
-/// Dropping it stops the server (`pg_ctl stop -m immediate`) and removes the directory.
+/// Options for a [`PostgresServer`]; start with [`PostgresServer::builder`].
 ///
-/// When the tests run as root the PostgreSQL commands run as user `postgres` through
-/// `runuser`, since `initdb` refuses root; the temp dir is then handed to that user.
-#[derive(Debug)]
-pub struct PostgresServer {
-    bin_dir: PathBuf,
-    port: u16,
-    running: bool,
-    dir: TempDir,
+/// The defaults suit tests: a fresh cluster in a temp dir, a random free port, `fsync=off`.
+/// [`Self::data_dir`] and [`Self::port`] are for long-running local setups such as
+/// `orderflow up`.
+#[derive(Debug, Default, Clone)]
+pub struct PostgresServerBuilder {
+    data_dir: Option<PathBuf>,
+    port: Option<u16>,
+    bin_dir: Option<PathBuf>,
 }
 
-impl PostgresServer {
-    /// Starts a server (see [`Self::start_blocking`]) on tokio's blocking pool.
-    pub async fn start() -> Self {
-        match tokio::task::spawn_blocking(Self::start_blocking).await {
+impl PostgresServerBuilder {
+    /// Keep the cluster in `dir`: `initdb` runs only when `dir` does not hold a cluster yet
+    /// (no `PG_VERSION` file), and an existing cluster is started as it is. The data is
+    /// durable (`fsync` stays on) and outlives the handle: dropping the server stops it with
+    /// a fast shutdown and leaves `dir` in place. When running as root, a new `dir` is handed
+    /// to user `postgres`, and every directory above it must be enterable by every user.
+    #[must_use]
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Listen on this port of 127.0.0.1 instead of a random free one.
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Take `initdb` and `pg_ctl` from this directory instead of [`postgres_bin_dir`].
+    #[must_use]
+    pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Starts the server (see [`Self::start_blocking`]) on tokio's blocking pool.
+    pub async fn start(self) -> PostgresServer {
+        match tokio::task::spawn_blocking(move || self.start_blocking()).await {
             Ok(server) => server,
             // Re-raise the startup panic with its own message.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -87,10 +111,10 @@ impl PostgresServer {
         }
     }
 
-    /// Runs `initdb` and `pg_ctl start -w`, blocking the thread until the server accepts
-    /// connections (about a second).
-    pub fn start_blocking() -> Self {
-        let bin_dir = postgres_bin_dir();
+    /// Runs `initdb` (unless the data dir holds a cluster already) and `pg_ctl start -w`,
+    /// blocking the thread until the server accepts connections (about a second).
+    pub fn start_blocking(self) -> PostgresServer {
+        let bin_dir = self.bin_dir.unwrap_or_else(postgres_bin_dir);
         let dir = tempfile::Builder::new()
             .prefix("orderflow-pg-")
             .tempdir_in(std::env::temp_dir())
@@ -98,32 +122,36 @@ impl PostgresServer {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", dir.path().display()));
         if process::is_root() {
-            assert!(
-                world_searchable(dir.path()),
-                "user postgres cannot reach {}: set TMPDIR to a directory every user may enter \
-                 (such as /tmp)",
-                dir.path().display()
-            );
-            run(
-                Command::new("chown").arg("postgres").arg(dir.path()),
-                "chown the PostgreSQL dir",
-            );
+            hand_to_postgres_user(dir.path());
         }
-        let mut server = Self {
+        let persistent_data = self.data_dir.map(|data| {
+            std::path::absolute(&data)
+                .unwrap_or_else(|e| panic!("cannot make {} absolute: {e}", data.display()))
+        });
+        let mut server = PostgresServer {
             bin_dir,
             port: 0,
             running: false,
+            persistent_data,
             dir,
         };
-        server.init();
-        for attempt in 1..=PORT_RETRIES {
-            server.port = crate::free_port();
+        let needs_init = match &server.persistent_data {
+            None => true,
+            Some(data) => prepare_persistent_data_dir(data),
+        };
+        if needs_init {
+            server.init();
+        }
+        // A fixed port gets one attempt: retrying cannot free it.
+        let attempts = if self.port.is_some() { 1 } else { PORT_RETRIES };
+        for attempt in 1..=attempts {
+            server.port = self.port.unwrap_or_else(crate::free_port);
             match server.pg_ctl_start() {
                 Ok(()) => {
                     server.running = true;
                     return server;
                 }
-                Err(_) if attempt < PORT_RETRIES && server.port_was_taken() => {}
+                Err(_) if attempt < attempts && server.port_was_taken() => {}
                 Err(why) => panic!(
                     "cannot start PostgreSQL on port {}: {why}\nserver log tail:\n{}",
                     server.port,
@@ -132,6 +160,74 @@ impl PostgresServer {
             }
         }
         unreachable!("the last attempt either returns or panics");
+    }
+}
+
+/// Makes sure user `postgres` can use `dir` (we are root): every directory above it must be
+/// enterable, and `dir` is handed over.
+fn hand_to_postgres_user(dir: &Path) {
+    assert!(
+        world_searchable(dir),
+        "user postgres cannot reach {}: use a directory every user may enter (for temp dirs, \
+         set TMPDIR to one such as /tmp)",
+        dir.display()
+    );
+    run(
+        Command::new("chown").arg("postgres").arg(dir),
+        "chown the PostgreSQL dir",
+    );
+}
+
+/// Prepares a persistent data dir and says whether `initdb` still has to run in it.
+fn prepare_persistent_data_dir(data: &Path) -> bool {
+    if data.join("PG_VERSION").is_file() {
+        return false;
+    }
+    std::fs::create_dir_all(data)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", data.display()));
+    // PostgreSQL insists on a data dir only its owner may enter.
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", data.display()));
+    if process::is_root() {
+        hand_to_postgres_user(data);
+    }
+    true
+}
+
+/// A PostgreSQL server: by default a throwaway cluster in a temp dir, listening on a free port
+/// of 127.0.0.1 (socket in the same dir), `fsync=off`, trust authentication for user
+/// `postgres`. Dropping it stops the server (`pg_ctl stop -m immediate`) and removes the
+/// directory. A server given a persistent data dir ([`PostgresServerBuilder::data_dir`]) is
+/// stopped with `-m fast` instead, and its data dir is kept.
+///
+/// When the tests run as root the PostgreSQL commands run as user `postgres` through
+/// `runuser`, since `initdb` refuses root; the temp dir is then handed to that user.
+#[derive(Debug)]
+pub struct PostgresServer {
+    bin_dir: PathBuf,
+    port: u16,
+    running: bool,
+    /// The data dir given to the builder; `None`: `<dir>/data`.
+    persistent_data: Option<PathBuf>,
+    /// Socket, server log and (unless persistent) the cluster; removed on drop.
+    dir: TempDir,
+}
+
+impl PostgresServer {
+    /// Options for a server with a persistent data dir or a fixed port.
+    pub fn builder() -> PostgresServerBuilder {
+        PostgresServerBuilder::default()
+    }
+
+    /// Starts a server (see [`Self::start_blocking`]) on tokio's blocking pool.
+    pub async fn start() -> Self {
+        Self::builder().start().await
+    }
+
+    /// Runs `initdb` and `pg_ctl start -w`, blocking the thread until the server accepts
+    /// connections (about a second).
+    pub fn start_blocking() -> Self {
+        Self::builder().start_blocking()
     }
 
     /// Admin URL of the default database: `postgres://postgres@127.0.0.1:PORT/postgres`.
@@ -144,9 +240,17 @@ impl PostgresServer {
         self.port
     }
 
+    /// URL of database `name` on this server: `postgres://postgres@127.0.0.1:PORT/<name>`.
+    pub fn database_url(&self, name: &str) -> String {
+        with_database(&self.url(), name)
+    }
+
     /// The cluster's data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        match &self.persistent_data {
+            Some(data) => data.clone(),
+            None => self.dir.path().join("data"),
+        }
     }
 
     /// The server log written by `pg_ctl -l`.
@@ -186,32 +290,34 @@ impl PostgresServer {
     }
 
     fn init(&self) {
-        run(
-            self.pg_command("initdb")
-                .arg("-D")
-                .arg(self.data_dir())
-                .args([
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    // The C locale exists everywhere (containers often lack others) and sorts bytewise.
-                    "--locale=C",
-                    "--no-sync",
-                ]),
-            "initdb",
-        );
+        let mut initdb = self.pg_command("initdb");
+        initdb.arg("-D").arg(self.data_dir()).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            // The C locale exists everywhere (containers often lack others) and sorts bytewise.
+            "--locale=C",
+        ]);
+        if self.persistent_data.is_none() {
+            // Throwaway data need not survive a crash.
+            initdb.arg("--no-sync");
+        }
+        run(&mut initdb, "initdb");
     }
 
     fn pg_ctl_start(&self) -> Result<(), String> {
-        let options = format!(
-            "-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c max_connections=200",
+        let mut options = format!(
+            "-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c max_connections=200",
             port = self.port,
             socket_dir = self.dir.path().display(),
         );
+        if self.persistent_data.is_none() {
+            // Throwaway data need not survive a crash; skipping fsync makes tests faster.
+            options.push_str(" -c fsync=off");
+        }
         let output = self
             .pg_command("pg_ctl")
             .arg("-D")
@@ -240,13 +346,19 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         if self.running {
-            // The data is thrown away: an immediate stop is enough. Errors cannot be raised
-            // from Drop, so they are printed.
+            // Throwaway data: an immediate stop is enough. Persistent data: a fast stop, so
+            // the next start needs no crash recovery. Errors cannot be raised from Drop, so
+            // they are printed.
+            let mode = if self.persistent_data.is_some() {
+                "fast"
+            } else {
+                "immediate"
+            };
             let result = self
                 .pg_command("pg_ctl")
                 .arg("-D")
                 .arg(self.data_dir())
-                .args(["-w", "-m", "immediate", "stop"])
+                .args(["-w", "-m", mode, "stop"])
                 .output();
             match result {
                 Ok(output) if output.status.success() => {}

@@ -1,9 +1,10 @@
-//! Child processes: [`ChildProcess`] runs a binary with its output captured to a log file, and
-//! the small process helpers (signals, bounded waits, log tails) shared by the server handles.
+//! Child processes: [`ChildProcess`] runs a binary with its output captured to a log file
+//! (and, on request, forwarded line by line to this process's stdout), and the small process
+//! helpers (signals, bounded waits, log tails) shared by the server handles.
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
@@ -119,8 +120,23 @@ impl ChildProcess {
     /// Spawns `command` with stdout and stderr appended to [`Self::log_path`] and stdin piped
     /// from this handle.
     /// `label` names the process in panic messages.
-    pub fn spawn(label: impl Into<String>, mut command: Command) -> Self {
-        let label = label.into();
+    pub fn spawn(label: impl Into<String>, command: Command) -> Self {
+        Self::spawn_with(label.into(), command, None)
+    }
+
+    /// Like [`Self::spawn`], and every line the process writes to stdout or stderr is also
+    /// printed to this process's stdout as `{prefix}{line}` (the log file gets the bare line).
+    /// Lines of different processes do not interleave mid-line. Meant for tools that show the
+    /// output of several processes at once, e.g. `prefix = "order-service | "`.
+    pub fn spawn_forwarding(
+        label: impl Into<String>,
+        command: Command,
+        prefix: impl Into<String>,
+    ) -> Self {
+        Self::spawn_with(label.into(), command, Some(prefix.into()))
+    }
+
+    fn spawn_with(label: String, mut command: Command, forward_prefix: Option<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("orderflow-proc-")
             .tempdir()
@@ -128,12 +144,27 @@ impl ChildProcess {
         let log_path = dir.path().join("output.log");
         let (stdout, stderr) = open_log_pair(&log_path)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+        command.stdin(Stdio::piped());
+        // Forwarding reads pipes and appends to the log itself; otherwise the child writes to
+        // the log directly.
+        let forward = if let Some(prefix) = forward_prefix {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            Some((prefix, stdout, stderr))
+        } else {
+            command.stdout(stdout).stderr(stderr);
+            None
+        };
         let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(stdout)
-            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {label} ({command:?}): {e}"));
+        if let Some((prefix, stdout_log, stderr_log)) = forward {
+            if let Some(out) = child.stdout.take() {
+                spawn_forwarder(&label, out, stdout_log, prefix.clone());
+            }
+            if let Some(err) = child.stderr.take() {
+                spawn_forwarder(&label, err, stderr_log, prefix);
+            }
+        }
         let stdin = child.stdin.take();
         Self {
             label,
@@ -293,6 +324,41 @@ impl Drop for ChildProcess {
     }
 }
 
+/// Starts a thread copying the lines of `source` to `log` and, prefixed, to our stdout. It ends
+/// at EOF, i.e. when the child (and anything it passed the pipe to) has exited.
+fn spawn_forwarder(label: &str, source: impl Read + Send + 'static, mut log: File, prefix: String) {
+    std::thread::Builder::new()
+        .name(format!("forward-{label}"))
+        .spawn(move || {
+            forward_lines(source, &mut log, |line| {
+                // Our stdout may be closed (a pipe whose reader left): keep draining the child
+                // anyway, so that it never blocks on a full pipe.
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out, "{prefix}{line}");
+            });
+        })
+        .unwrap_or_else(|e| panic!("cannot start the thread forwarding {label}'s output: {e}"));
+}
+
+/// Copies `source` line by line: the raw bytes to `log`, and each line (lossily decoded,
+/// without its line ending) to `emit`. Returns at EOF or on a read error.
+pub(crate) fn forward_lines(source: impl Read, log: &mut impl Write, mut emit: impl FnMut(&str)) {
+    let mut reader = BufReader::new(source);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                // The log is best effort, like the terminal: a full disk must not stop the child.
+                let _ = log.write_all(&buf);
+                let text = String::from_utf8_lossy(&buf);
+                emit(text.trim_end_matches(['\n', '\r']));
+            }
+        }
+    }
+}
+
 /// Opens `path` for appending twice (stdout and stderr of one child).
 pub(crate) fn open_log_pair(path: &Path) -> io::Result<(File, File)> {
     let out = OpenOptions::new().create(true).append(true).open(path)?;
@@ -320,6 +386,32 @@ mod tests {
         assert_eq!(status.code(), Some(3));
         let log = child.log();
         assert!(log.contains("out") && log.contains("err"), "{log}");
+    }
+
+    #[test]
+    fn forwarded_lines_are_logged_raw_and_emitted_without_line_endings() {
+        let mut log = Vec::new();
+        let mut lines = Vec::new();
+        forward_lines(&b"one\r\ntwo\n\xff three"[..], &mut log, |line| {
+            lines.push(line.to_owned());
+        });
+        assert_eq!(log, b"one\r\ntwo\n\xff three");
+        assert_eq!(lines, ["one", "two", "\u{fffd} three"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn forwarding_keeps_the_log() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo out; echo err >&2; exit 4"]);
+        let mut child = ChildProcess::spawn_forwarding("sh", command, "sh | ");
+        let status = child.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(4));
+        // The forwarding threads may still be copying the last lines.
+        crate::eventually_true(Duration::from_secs(10), "both lines in the log", || {
+            let log = child.log();
+            async move { log.contains("out\n") && log.contains("err\n") }
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,398 @@
+//! The service host: the shared half of every service's composition root.
+//!
+//! A service's `main` parses its configuration, builds its domain and HTTP routes, and hands
+//! them to a [`ServiceHost`]:
+//!
+//! ```text
+//! ServiceHost::connect(..)   database (migrated) + NATS client (connects in the background)
+//!   .consumer(durable, handler)           one consumer runner per durable consumer
+//!   .background(name, task)               e.g. a saga deadline sweeper
+//!   .serve(listener, routes)              runs until SIGTERM/SIGINT or shutdown()
+//! ```
+//!
+//! `serve` starts the HTTP server first — `/livez` answers at once and `/readyz` tells the
+//! truth (not ready until NATS is connected and the topology reconciled) — then waits for NATS
+//! within a bound, reconciles the streams and starts the outbox relay, the runners and the
+//! background tasks. Shutdown happens in order, within `--shutdown-timeout`: readiness turns
+//! false and intake stops (HTTP stops accepting, runners stop pulling and settle the batch in
+//! flight), then the outbox relay flushes what was committed, then the NATS connection drains
+//! and the database closes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use orderflow_messaging::{
+    ConsumerRunner, Handler, Nats, NatsConfig, Outbox, OutboxRelay, RelayConfig, RunnerConfig,
+    Topology,
+};
+use orderflow_store::{Db, DbOptions, Migration};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::CommonConfig;
+use crate::http::{Readiness, probe_routes, request_context};
+use crate::telemetry;
+
+type Task = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A service process's shared machinery. See the module docs for the lifecycle.
+pub struct ServiceHost {
+    name: &'static str,
+    common: CommonConfig,
+    db: Db,
+    nats: Nats,
+    outbox: Outbox,
+    topology: Topology,
+    readiness: Readiness,
+    relay_config: RelayConfig,
+    deferred: Vec<(String, Task)>,
+    stop: CancellationToken,
+    span: tracing::Span,
+}
+
+impl ServiceHost {
+    /// Sets up logging and metrics, connects and migrates the database (the messaging tables
+    /// and the service's own `migrations`), and creates the NATS client.
+    pub async fn connect(
+        name: &'static str,
+        common: &CommonConfig,
+        database_url: &str,
+        migrations: &[Migration],
+    ) -> anyhow::Result<Self> {
+        telemetry::init_tracing(&common.log_format);
+        let span = tracing::info_span!("service", service = name);
+        let metrics = telemetry::metrics_handle();
+        metrics::gauge!(telemetry::BUILD_INFO, "service" => name, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        drop(metrics);
+
+        let options = DbOptions {
+            max_connections: common.db_max_connections,
+            ..DbOptions::default()
+        };
+        let db = Db::connect(database_url, &options)
+            .instrument(span.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the database (--database-url {})",
+                    orderflow_store::redact(database_url)
+                )
+            })?;
+        orderflow_store::migrate(
+            &db,
+            orderflow_messaging::MIGRATION_COMPONENT,
+            orderflow_messaging::MIGRATIONS,
+        )
+        .instrument(span.clone())
+        .await
+        .context("migrating the messaging tables")?;
+        orderflow_store::migrate(&db, name, migrations)
+            .instrument(span.clone())
+            .await
+            .with_context(|| format!("migrating the {name} tables"))?;
+
+        let nats = Nats::connect(&NatsConfig::new(&common.nats_url, name))
+            .await
+            .with_context(|| {
+                format!(
+                    "setting up the NATS client (--nats-url {})",
+                    common.nats_url
+                )
+            })?;
+
+        let readiness = Readiness::default();
+        let n = nats.clone();
+        readiness.add("nats", move || {
+            let n = n.clone();
+            async move {
+                if n.is_connected() {
+                    Ok(())
+                } else {
+                    Err(format!("not connected to {}", n.url()))
+                }
+            }
+        });
+        let d = db.clone();
+        readiness.add("database", move || {
+            let d = d.clone();
+            async move { d.ping().await.map_err(|e| e.to_string()) }
+        });
+
+        Ok(Self {
+            name,
+            common: common.clone(),
+            db,
+            outbox: Outbox::new(&format!("orderflow/{name}")),
+            nats,
+            topology: Topology::orderflow(&common.topology()),
+            readiness,
+            relay_config: RelayConfig::default(),
+            deferred: Vec::new(),
+            stop: CancellationToken::new(),
+            span,
+        })
+    }
+
+    /// The service's database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The NATS connection (for publishers and tools; services publish through the outbox).
+    pub fn nats(&self) -> &Nats {
+        &self.nats
+    }
+
+    /// The outbox to stage events in; wake it after commit.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The readiness checks, to add the service's own.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// A token cancelled when the service starts shutting down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// The runner configuration this service's flags give for a declared durable consumer.
+    pub fn runner_config(&self, durable: &str) -> anyhow::Result<RunnerConfig> {
+        let spec = self
+            .topology
+            .consumer(durable)
+            .with_context(|| format!("no consumer named {durable} is declared in the topology"))?
+            .clone();
+        let mut config = RunnerConfig::new(spec);
+        config.batch_size = usize::from(self.common.batch_size);
+        config.workers = usize::from(self.common.consumer_workers);
+        Ok(config)
+    }
+
+    /// Runs `handler` on the declared durable consumer `durable` once NATS is up.
+    pub fn consumer<H: Handler>(&mut self, durable: &str, handler: H) -> anyhow::Result<()> {
+        let config = self.runner_config(durable)?;
+        self.consumer_with(handler, config);
+        Ok(())
+    }
+
+    /// Runs `handler` with an explicit runner configuration.
+    pub fn consumer_with<H: Handler>(&mut self, handler: H, config: RunnerConfig) {
+        let durable = config.consumer.durable;
+        let runner = ConsumerRunner::new(&self.nats, &self.db, &self.outbox, handler, config);
+        let health = runner.health();
+        self.readiness.add(format!("consumer:{durable}"), move || {
+            let health = health.clone();
+            async move { health.status() }
+        });
+        self.deferred.push((
+            format!("consumer {durable}"),
+            Box::new(move |stop| Box::pin(runner.run(stop))),
+        ));
+    }
+
+    /// Runs a background task (started once NATS is up) until the token it gets is cancelled.
+    pub fn background<F, Fut>(&mut self, name: &str, task: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.deferred
+            .push((name.to_owned(), Box::new(move |stop| Box::pin(task(stop)))));
+    }
+
+    /// Serves `routes` (plus the probes) on `listener` and runs everything until SIGTERM,
+    /// SIGINT or [`ServiceHost::shutdown_token`] is cancelled; then shuts down in order.
+    pub async fn serve(self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+        let span = self.span.clone();
+        self.serve_inner(listener, routes).instrument(span).await
+    }
+
+    async fn serve_inner(self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+        let Self {
+            name,
+            common,
+            db,
+            nats,
+            outbox,
+            topology,
+            readiness,
+            relay_config,
+            deferred,
+            stop,
+            span,
+        } = self;
+        let accepting = Arc::new(AtomicBool::new(true));
+        let flag = accepting.clone();
+        readiness.add("accepting", move || {
+            let open = flag.load(Ordering::Relaxed);
+            async move {
+                if open {
+                    Ok(())
+                } else {
+                    Err("shutting down".to_owned())
+                }
+            }
+        });
+        let topology_ready = Arc::new(AtomicBool::new(false));
+        let flag = topology_ready.clone();
+        readiness.add("topology", move || {
+            let ok = flag.load(Ordering::Relaxed);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("streams not reconciled yet".to_owned())
+                }
+            }
+        });
+
+        let metrics = telemetry::metrics_handle();
+        let app = routes
+            .merge(probe_routes(readiness.clone(), metrics.clone()))
+            .layer(axum::middleware::from_fn(request_context));
+        let addr = listener
+            .local_addr()
+            .context("reading the HTTP listener's address")?;
+        tracing::info!(%addr, "HTTP listening");
+
+        // Intake: HTTP, consumers, background tasks. The relay has its own token: it stops last.
+        let workers = TaskTracker::new();
+        let relay_tasks = TaskTracker::new();
+        let relay_stop = CancellationToken::new();
+        let http_stop = stop.clone();
+        workers.spawn(
+            async move {
+                let server =
+                    axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            }
+            .instrument(span.clone()),
+        );
+        let upkeep_stop = stop.clone();
+        workers.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+                    () = upkeep_stop.cancelled() => return,
+                }
+            }
+        });
+
+        let started = async {
+            nats.wait_connected(common.nats_connect_timeout).await?;
+            reconcile_until_done(&topology, &nats, common.nats_connect_timeout).await
+        };
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        let startup = tokio::select! {
+            r = started => Some(r),
+            () = &mut signal => None,
+            () = stop.cancelled() => None,
+        };
+        let mut result = Ok(());
+        match startup {
+            Some(Ok(())) => {
+                topology_ready.store(true, Ordering::Relaxed);
+                let relay = OutboxRelay::new(&db, &nats, &outbox, relay_config);
+                relay_tasks.spawn(relay.run(relay_stop.clone()).instrument(span.clone()));
+                for (task_name, task) in deferred {
+                    tracing::debug!(task = %task_name, "starting");
+                    workers.spawn(task(stop.clone()).instrument(span.clone()));
+                }
+                tracing::info!(service = name, "started");
+                tokio::select! {
+                    () = &mut signal => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+            Some(Err(e)) => result = Err(e).context("starting up"),
+            None => {}
+        }
+
+        tracing::info!("shutting down: stopping intake");
+        accepting.store(false, Ordering::Relaxed);
+        stop.cancel();
+        workers.close();
+        relay_tasks.close();
+        let deadline = tokio::time::Instant::now() + common.shutdown_timeout;
+        if tokio::time::timeout_at(deadline, workers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight work did not finish within the shutdown timeout");
+        }
+        tracing::info!("shutting down: flushing the outbox");
+        relay_stop.cancel();
+        if tokio::time::timeout_at(deadline, relay_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the outbox relay did not finish within the shutdown timeout");
+        }
+        nats.drain().await;
+        db.close().await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Reconciles the streams, retrying while JetStream is not ready yet (a server just started,
+/// a cluster electing its leader).
+async fn reconcile_until_done(
+    topology: &Topology,
+    nats: &Nats,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match topology.reconcile_streams(nats).await {
+            Ok(()) => return Ok(()),
+            Err(e @ orderflow_messaging::MessagingError::Drift { .. }) => {
+                return Err(e).context("the streams on the server differ from their declaration");
+            }
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, "JetStream not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e).context("reconciling the streams"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            futures::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = futures::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}

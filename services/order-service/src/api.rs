@@ -1,0 +1,302 @@
+//! The public HTTP API: place orders, read them back.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /v1/orders` | place an order: `202 Accepted`, `Location: /v1/orders/{id}` |
+//! | `GET /v1/orders/{id}` | an order with its status, amounts and timeline |
+//! | `GET /v1/orders` | orders newest first; filters `status`, `customer_id`; `limit`, `cursor` |
+//!
+//! Errors are `application/problem+json` with a stable `code` and, for validation, every
+//! offending field as a JSON pointer. Nothing is stored or published for a rejected request.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use orderflow_contracts::events::OrderCreated;
+use orderflow_contracts::names::subjects;
+use orderflow_contracts::{EventMeta, OrderId};
+use orderflow_messaging::Outbox;
+use orderflow_runtime::Problem;
+use orderflow_runtime::http::{RequestContext, invalid_parameter, not_found, payload_too_large};
+use orderflow_store::Db;
+use serde_json::json;
+
+use crate::domain::{self, NewOrder};
+use crate::saga::ORDERS_PLACED_TOTAL;
+use crate::store::{self, ListFilter};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The idempotency header.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Shared state of the routes.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// The orders database.
+    pub db: Db,
+    /// Where `orders.created` is staged.
+    pub outbox: Outbox,
+}
+
+/// The routes.
+pub fn routes(api: Api) -> Router {
+    Router::new()
+        .route("/v1/orders", get(list).post(place))
+        .route("/v1/orders/{order_id}", get(show))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = raw.to_str().unwrap_or_default();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid_parameter(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// `POST /v1/orders`.
+async fn place(
+    State(api): State<Api>,
+    Extension(ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    if !is_json(&headers) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Unsupported media type",
+            "send the order as application/json",
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            payload_too_large()
+        } else {
+            Problem::new(e.status(), "bad_request", "Bad request", e.body_text())
+        }
+    })?;
+    let key = idempotency_key(&headers)?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "Malformed JSON",
+            e.to_string(),
+        )
+    })?;
+    let order = domain::validate(&value).map_err(|errors| {
+        let detail = format!(
+            "{} invalid field(s): {}",
+            errors.len(),
+            errors
+                .iter()
+                .map(|e| e.field.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "Invalid order",
+            detail,
+        )
+        .with_errors(errors)
+    })?;
+
+    match place_order(&api, &ctx, key.as_deref(), &order).await? {
+        Placed::New(order_id) => {
+            metrics::counter!(ORDERS_PLACED_TOTAL).increment(1);
+            tracing::info!(%order_id, lines = order.lines.len(), "order placed");
+            Ok(accepted(
+                order_id,
+                "pending",
+                &ctx.correlation_id.to_string(),
+                false,
+            ))
+        }
+        Placed::Replay(order_id) => {
+            let view = store::get_order(&api.db, order_id)
+                .await?
+                .ok_or_else(|| Problem::internal(&"replayed order vanished"))?;
+            Ok(accepted(order_id, view.status, &view.correlation_id, true))
+        }
+    }
+}
+
+fn accepted(order_id: OrderId, status: &str, correlation_id: &str, replayed: bool) -> Response {
+    let body = json!({ "order_id": order_id, "status": status, "correlation_id": correlation_id });
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/orders/{order_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+enum Placed {
+    New(OrderId),
+    Replay(OrderId),
+}
+
+/// Stores the order and stages `orders.created` in one transaction.
+async fn place_order(
+    api: &Api,
+    ctx: &RequestContext,
+    key: Option<&str>,
+    order: &NewOrder,
+) -> Result<Placed, Problem> {
+    let canonical = order.canonical();
+    let order_id = OrderId::new();
+    let mut tx = api.db.begin().await?;
+    if let Some(key) = key {
+        if let Some(used) = store::key_use(&mut tx, key).await? {
+            return replay(&used, &canonical);
+        }
+        if let Err(e) = store::claim_key(&mut tx, key, &canonical, order_id).await {
+            // A concurrent request with the same key won the race (PostgreSQL): answer as a
+            // replay of what it stored.
+            drop(tx);
+            let mut conn = api.db.begin().await?;
+            return match store::key_use(&mut conn, key).await? {
+                Some(used) => replay(&used, &canonical),
+                None => Err(e.into()),
+            };
+        }
+    }
+    store::insert_order(&mut tx, order_id, order, ctx.correlation_id).await?;
+    let event = OrderCreated {
+        order_id,
+        customer_id: order.customer_id.clone(),
+        lines: order.lines.clone(),
+        payment_method: order.payment_method.clone(),
+    };
+    let mut meta = EventMeta::new(&event, api.outbox.source(), ctx.correlation_id, None);
+    meta.traceparent = Some(ctx.traceparent.clone());
+    api.outbox.stage(&mut tx, &meta, &event).await?;
+    let detail = json!({ "items": event.lines, "payment_method": event.payment_method });
+    store::add_timeline(
+        &mut tx,
+        order_id,
+        subjects::ORDER_CREATED,
+        meta.id,
+        meta.time,
+        &detail,
+    )
+    .await?;
+    tx.commit()
+        .await
+        .map_err(orderflow_store::StoreError::from)?;
+    api.outbox.wake();
+    Ok(Placed::New(order_id))
+}
+
+fn replay(used: &store::KeyUse, canonical: &str) -> Result<Placed, Problem> {
+    if used.request == canonical {
+        Ok(Placed::Replay(used.order_id))
+    } else {
+        Err(Problem::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "Idempotency key reused",
+            format!(
+                "this Idempotency-Key was used for a different request (order {})",
+                used.order_id
+            ),
+        ))
+    }
+}
+
+/// `GET /v1/orders/{id}`.
+async fn show(State(api): State<Api>, Path(raw): Path<String>) -> Result<Response, Problem> {
+    let order_id: OrderId = raw.parse().map_err(|e| invalid_parameter("order_id", e))?;
+    let view = store::get_order(&api.db, order_id)
+        .await?
+        .ok_or_else(|| not_found(&format!("order {order_id}")))?;
+    Ok(axum::Json(view).into_response())
+}
+
+/// `GET /v1/orders`.
+async fn list(
+    State(api): State<Api>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Problem> {
+    let mut filter = ListFilter::default();
+    let mut limit: i64 = 20;
+    for (name, value) in &params {
+        match name.as_str() {
+            "status" => {
+                filter.status = Some(match value.as_str() {
+                    "pending" => "pending",
+                    "confirmed" => "confirmed",
+                    "cancelled" => "cancelled",
+                    _ => {
+                        return Err(invalid_parameter(
+                            "status",
+                            "must be pending, confirmed or cancelled",
+                        ));
+                    }
+                });
+            }
+            "customer_id" => {
+                let customer = orderflow_contracts::CustomerId::parse(value.clone())
+                    .map_err(|e| invalid_parameter("customer_id", e))?;
+                filter.customer_id = Some(customer.as_str().to_owned());
+            }
+            "cursor" => {
+                filter.before =
+                    Some(value.parse().map_err(|_| {
+                        invalid_parameter("cursor", "not a cursor from next_cursor")
+                    })?);
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        invalid_parameter("limit", "must be an integer from 1 to 100")
+                    })?;
+            }
+            other => return Err(invalid_parameter(other, "unknown query parameter")),
+        }
+    }
+    let mut orders = store::list_orders(&api.db, &filter, limit + 1).await?;
+    let next_cursor = if orders.len() as i64 > limit {
+        orders.truncate(limit as usize);
+        orders.last().map(|o| o.order_id.clone())
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({ "orders": orders, "next_cursor": next_cursor })).into_response())
+}

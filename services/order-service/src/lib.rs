@@ -1,0 +1,96 @@
+//! The order service: the public HTTP API and the saga's end states.
+//!
+//! It accepts orders (`POST /v1/orders`), stores each with its `orders.created` event in one
+//! transaction (outbox), and finishes every order in exactly one terminal state: `confirmed`
+//! when the payment completes, `cancelled` with a reason when stock is rejected, the payment
+//! fails, or the saga deadline passes.
+//!
+//! Layout (one composition root, [`run`]):
+//! - [`domain`]: request validation and status rules, no IO;
+//! - [`store`]: the tables;
+//! - [`saga`]: outcomes → terminal states, and the deadline sweep;
+//! - [`handlers`]: the consumers of `INVENTORY` and `PAYMENTS`;
+//! - [`api`]: the HTTP API.
+
+pub mod api;
+pub mod domain;
+pub mod handlers;
+pub mod saga;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use orderflow_contracts::names::consumers;
+use orderflow_runtime::config::{parse_addr, parse_duration};
+use orderflow_runtime::{CommonConfig, ServiceHost};
+use orderflow_store::Migration;
+
+/// The service's own tables.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "orders, lines, timeline, idempotency keys",
+    sqlite: include_str!("../migrations/0001_orders.sqlite.sql"),
+    postgres: include_str!("../migrations/0001_orders.postgres.sql"),
+}];
+
+/// order-service configuration. Every flag has an environment variable of the same name.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "order-service",
+    version,
+    about = "orderflow order service: the public API and the saga's end states"
+)]
+pub struct Config {
+    /// Address of the public HTTP API and the probes.
+    #[arg(long, env = "ORDERFLOW_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_addr)]
+    pub http_addr: SocketAddr,
+
+    /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATABASE_URL",
+        default_value = "sqlite://.data/orders.db?mode=rwc"
+    )]
+    pub database_url: String,
+
+    /// An order still pending this long after it was placed is cancelled (`timed_out`), and what
+    /// it holds is released. Keep it above the payment service's --payment-deadline.
+    #[arg(long, env = "ORDERFLOW_SAGA_DEADLINE", default_value = "60s", value_parser = parse_duration)]
+    pub saga_deadline: Duration,
+
+    /// How often pending orders are checked against the saga deadline.
+    #[arg(long, env = "ORDERFLOW_SAGA_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub saga_check_interval: Duration,
+
+    /// Settings every service shares.
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+/// Runs the service until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let mut host = ServiceHost::connect(
+        "order-service",
+        &config.common,
+        &config.database_url,
+        MIGRATIONS,
+    )
+    .await?;
+    host.consumer(consumers::ORDER_INVENTORY, handlers::InventoryHandler)?;
+    host.consumer(consumers::ORDER_PAYMENTS, handlers::PaymentHandler)?;
+    let (db, outbox) = (host.db().clone(), host.outbox().clone());
+    let (deadline, every) = (config.saga_deadline, config.saga_check_interval);
+    host.background("saga deadline", move |stop| {
+        saga::run_deadline_sweep(db, outbox, deadline, every, stop)
+    });
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
+    let routes = api::routes(api::Api {
+        db: host.db().clone(),
+        outbox: host.outbox().clone(),
+    });
+    host.serve(listener, routes).await
+}

@@ -1,0 +1,386 @@
+//! The order service's tables: orders, their lines, their timeline and idempotency keys.
+
+use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, from_micros, now_micros};
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+use time::OffsetDateTime;
+
+use crate::domain::{NewOrder, Status};
+
+/// What `GET /v1/orders/{id}` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderView {
+    /// The order.
+    pub order_id: String,
+    /// `pending`, `confirmed` or `cancelled`.
+    pub status: &'static str,
+    /// Why it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<&'static str>,
+    /// Who ordered.
+    pub customer_id: String,
+    /// How the customer pays.
+    pub payment_method: String,
+    /// What was ordered.
+    pub items: Vec<ItemView>,
+    /// The total, once the stock was reserved and priced.
+    pub total: Option<Money>,
+    /// The saga's correlation id.
+    pub correlation_id: String,
+    /// When it was placed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// The saga's events as the order service saw them, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One line of an order.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemView {
+    /// The product.
+    pub product_id: String,
+    /// How many.
+    pub quantity: i64,
+}
+
+/// One event in an order's timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineEntry {
+    /// The subject of the event (`orders.created`, `inventory.reserved`…).
+    pub event: String,
+    /// Its event id.
+    pub event_id: String,
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// What it said that matters to the order.
+    pub detail: serde_json::Value,
+}
+
+/// What an `Idempotency-Key` was first used for.
+#[derive(Debug, Clone)]
+pub struct KeyUse {
+    /// The canonical request.
+    pub request: String,
+    /// The order it created.
+    pub order_id: OrderId,
+}
+
+/// Looks up an idempotency key inside the transaction that may claim it.
+pub async fn key_use(conn: &mut AnyConnection, key: &str) -> Result<Option<KeyUse>, StoreError> {
+    let row =
+        sqlx::query("SELECT request, order_id FROM idempotency_keys WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?;
+    let Some(row) = row else { return Ok(None) };
+    let order_id: String = row.try_get("order_id")?;
+    Ok(order_id.parse().ok().map(|order_id| KeyUse {
+        request: row.try_get("request").unwrap_or_default(),
+        order_id,
+    }))
+}
+
+/// Claims an idempotency key for an order.
+pub async fn claim_key(
+    conn: &mut AnyConnection,
+    key: &str,
+    request: &str,
+    order_id: OrderId,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO idempotency_keys (idempotency_key, request, order_id, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(key)
+        .bind(request)
+        .bind(order_id.to_string())
+        .bind(now_micros())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts a new pending order with its lines.
+pub async fn insert_order(
+    conn: &mut AnyConnection,
+    order_id: OrderId,
+    order: &NewOrder,
+    correlation_id: CorrelationId,
+) -> Result<(), StoreError> {
+    let now = now_micros();
+    sqlx::query(
+        "INSERT INTO orders (order_id, customer_id, payment_method, status, correlation_id, created_at, updated_at) \
+         VALUES ($1, $2, $3, 'pending', $4, $5, $5)",
+    )
+    .bind(order_id.to_string())
+    .bind(order.customer_id.as_str())
+    .bind(order.payment_method.as_str())
+    .bind(correlation_id.to_string())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    for line in &order.lines {
+        sqlx::query("INSERT INTO order_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)")
+            .bind(order_id.to_string())
+            .bind(line.product_id.as_str())
+            .bind(i64::from(line.quantity.get()))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends an event to an order's timeline.
+pub async fn add_timeline(
+    conn: &mut AnyConnection,
+    order_id: OrderId,
+    event: &str,
+    event_id: EventId,
+    at: OffsetDateTime,
+    detail: &serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES ($1, $2, $3, $4, $5)")
+        .bind(order_id.to_string())
+        .bind(event)
+        .bind(event_id.to_string())
+        .bind(orderflow_store::to_micros(at))
+        .bind(detail.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// An order's current state, for the saga's decisions.
+#[derive(Debug, Clone)]
+pub struct OrderState {
+    /// Its status.
+    pub status: Status,
+    /// Its total, when priced.
+    pub total: Option<Money>,
+    /// When it was placed.
+    pub created_at: OffsetDateTime,
+}
+
+/// The state of an order, read inside the caller's transaction.
+pub async fn state(
+    conn: &mut AnyConnection,
+    order_id: OrderId,
+) -> Result<Option<OrderState>, StoreError> {
+    let row = sqlx::query("SELECT status, cancel_reason, total_minor, currency, created_at FROM orders WHERE order_id = $1")
+        .bind(order_id.to_string())
+        .fetch_optional(conn)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let status: String = row.try_get("status")?;
+    let reason: Option<String> = row.try_get("cancel_reason")?;
+    let Some(status) = Status::from_parts(&status, reason.as_deref()) else {
+        return Ok(None);
+    };
+    Ok(Some(OrderState {
+        status,
+        total: money(&row)?,
+        created_at: from_micros(row.try_get("created_at")?),
+    }))
+}
+
+fn money(row: &sqlx::any::AnyRow) -> Result<Option<Money>, sqlx::Error> {
+    let amount: Option<i64> = row.try_get("total_minor")?;
+    let currency: Option<String> = row.try_get("currency")?;
+    Ok(match (amount, currency.as_deref().map(Currency::parse)) {
+        (Some(a), Some(Ok(c))) => Money::new(a, c).ok(),
+        _ => None,
+    })
+}
+
+/// Records the priced total of an order.
+pub async fn set_total(
+    conn: &mut AnyConnection,
+    order_id: OrderId,
+    total: Money,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE orders SET total_minor = $2, currency = $3, updated_at = $4 WHERE order_id = $1",
+    )
+    .bind(order_id.to_string())
+    .bind(total.amount_minor)
+    .bind(total.currency.as_str())
+    .bind(now_micros())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves a pending order to a terminal status. Returns `false` when it was no longer pending
+/// (another outcome, or another replica's deadline sweep, got there first).
+pub async fn finish(
+    conn: &mut AnyConnection,
+    order_id: OrderId,
+    status: Status,
+) -> Result<bool, StoreError> {
+    let reason = match status {
+        Status::Cancelled(r) => Some(r.as_str()),
+        _ => None,
+    };
+    let n = sqlx::query(
+        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = $4 WHERE order_id = $1 AND status = 'pending'",
+    )
+    .bind(order_id.to_string())
+    .bind(status.as_str())
+    .bind(reason)
+    .bind(now_micros())
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Pending orders placed before `cutoff` (oldest first), with their correlation ids.
+pub async fn overdue(
+    db: &Db,
+    cutoff: OffsetDateTime,
+    limit: i64,
+) -> Result<Vec<(OrderId, CorrelationId)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT order_id, correlation_id FROM orders WHERE status = 'pending' AND created_at < $1 ORDER BY created_at LIMIT $2",
+    )
+    .bind(orderflow_store::to_micros(cutoff))
+    .bind(limit)
+    .fetch_all(db.reader())
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let order: String = row.try_get("order_id")?;
+        let correlation: String = row.try_get("correlation_id")?;
+        if let (Ok(o), Ok(c)) = (order.parse(), correlation.parse()) {
+            out.push((o, c));
+        }
+    }
+    Ok(out)
+}
+
+const ORDER_COLUMNS: &str = "order_id, customer_id, payment_method, status, cancel_reason, total_minor, currency, \
+                             correlation_id, created_at, updated_at";
+
+fn order_view(row: &sqlx::any::AnyRow) -> Result<OrderView, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let reason: Option<String> = row.try_get("cancel_reason")?;
+    let parsed = Status::from_parts(&status, reason.as_deref());
+    Ok(OrderView {
+        order_id: row.try_get("order_id")?,
+        status: parsed.map_or("pending", Status::as_str),
+        cancel_reason: match parsed {
+            Some(Status::Cancelled(r)) => Some(r.as_str()),
+            _ => None,
+        },
+        customer_id: row.try_get("customer_id")?,
+        payment_method: row.try_get("payment_method")?,
+        items: Vec::new(),
+        total: money(row)?,
+        correlation_id: row.try_get("correlation_id")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        updated_at: from_micros(row.try_get("updated_at")?),
+        timeline: Vec::new(),
+    })
+}
+
+/// One order with its items and timeline.
+pub async fn get_order(db: &Db, order_id: OrderId) -> Result<Option<OrderView>, StoreError> {
+    let id = order_id.to_string();
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
+    )))
+    .bind(&id)
+    .fetch_optional(db.reader())
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let mut view = order_view(&row)?;
+    view.items = sqlx::query(
+        "SELECT product_id, quantity FROM order_lines WHERE order_id = $1 ORDER BY product_id",
+    )
+    .bind(&id)
+    .fetch_all(db.reader())
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(ItemView {
+            product_id: r.try_get("product_id")?,
+            quantity: r.try_get("quantity")?,
+        })
+    })
+    .collect::<Result<_, sqlx::Error>>()?;
+    view.timeline = sqlx::query("SELECT event_type, event_id, at, detail FROM order_timeline WHERE order_id = $1 ORDER BY id")
+        .bind(&id)
+        .fetch_all(db.reader())
+        .await?
+        .iter()
+        .map(|r| {
+            let detail: String = r.try_get("detail")?;
+            Ok(TimelineEntry {
+                event: r.try_get("event_type")?,
+                event_id: r.try_get("event_id")?,
+                at: from_micros(r.try_get("at")?),
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok(Some(view))
+}
+
+/// Filters of `GET /v1/orders`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only orders in this status (`pending`, `confirmed`, `cancelled`).
+    pub status: Option<&'static str>,
+    /// Only orders of this customer.
+    pub customer_id: Option<String>,
+    /// Only orders older than this one (the cursor: the last order of the previous page).
+    pub before: Option<OrderId>,
+}
+
+/// Orders newest first (order ids are time-ordered UUIDv7), at most `limit`.
+pub async fn list_orders(
+    db: &Db,
+    filter: &ListFilter,
+    limit: i64,
+) -> Result<Vec<OrderView>, StoreError> {
+    let mut conditions = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("${n}")
+    };
+    if filter.status.is_some() {
+        conditions.push(format!("status = {}", next()));
+    }
+    if filter.customer_id.is_some() {
+        conditions.push(format!("customer_id = {}", next()));
+    }
+    if filter.before.is_some() {
+        conditions.push(format!("order_id < {}", next()));
+    }
+    let limit_param = next();
+    let where_clause = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    // Only generated placeholders are interpolated; every value is bound.
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM orders {where_clause} ORDER BY order_id DESC LIMIT {limit_param}"
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    if let Some(status) = filter.status {
+        query = query.bind(status);
+    }
+    if let Some(customer) = &filter.customer_id {
+        query = query.bind(customer.clone());
+    }
+    if let Some(before) = filter.before {
+        query = query.bind(before.to_string());
+    }
+    let rows = query.bind(limit).fetch_all(db.reader()).await?;
+    Ok(rows.iter().map(order_view).collect::<Result<_, _>>()?)
+}
