@@ -400,17 +400,13 @@ impl<H: Handler> ConsumerRunner<H> {
             backoff = Duration::from_millis(200);
             shared.health.set_running(true, None);
             shared.health.progressed();
-            let watchdog = tokio::spawn(watch(
-                shared.clone(),
-                consumer.clone(),
-                shutdown.child_token(),
-            ));
+            let watchdog = tokio::spawn(
+                watch(shared.clone(), consumer.clone(), shutdown.child_token()).in_current_span(),
+            );
             let workers = (0..shared.config.workers.max(1)).map(|_| {
-                tokio::spawn(pull_loop(
-                    shared.clone(),
-                    consumer.clone(),
-                    shutdown.clone(),
-                ))
+                tokio::spawn(
+                    pull_loop(shared.clone(), consumer.clone(), shutdown.clone()).in_current_span(),
+                )
             });
             let results = join_all(workers).await;
             watchdog.abort();
