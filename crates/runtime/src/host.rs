@@ -231,30 +231,9 @@ impl ServiceHost {
             stop,
             span,
         } = self;
-        let accepting = Arc::new(AtomicBool::new(true));
-        let flag = accepting.clone();
-        readiness.add("accepting", move || {
-            let open = flag.load(Ordering::Relaxed);
-            async move {
-                if open {
-                    Ok(())
-                } else {
-                    Err("shutting down".to_owned())
-                }
-            }
-        });
-        let topology_ready = Arc::new(AtomicBool::new(false));
-        let flag = topology_ready.clone();
-        readiness.add("topology", move || {
-            let ok = flag.load(Ordering::Relaxed);
-            async move {
-                if ok {
-                    Ok(())
-                } else {
-                    Err("streams not reconciled yet".to_owned())
-                }
-            }
-        });
+        let accepting = flag_check(&readiness, "accepting", true, "shutting down");
+        let topology_ready =
+            flag_check(&readiness, "topology", false, "streams not reconciled yet");
 
         let metrics = telemetry::metrics_handle();
         let app = routes
@@ -324,27 +303,42 @@ impl ServiceHost {
         tracing::info!("shutting down: stopping intake");
         accepting.store(false, Ordering::Relaxed);
         stop.cancel();
-        workers.close();
-        relay_tasks.close();
         let deadline = tokio::time::Instant::now() + common.shutdown_timeout;
-        if tokio::time::timeout_at(deadline, workers.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight work did not finish within the shutdown timeout");
-        }
+        settle(&workers, deadline, "in-flight work").await;
         tracing::info!("shutting down: flushing the outbox");
         relay_stop.cancel();
-        if tokio::time::timeout_at(deadline, relay_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("the outbox relay did not finish within the shutdown timeout");
-        }
+        settle(&relay_tasks, deadline, "the outbox relay").await;
         nats.drain().await;
         db.close().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Adds a readiness check that passes while `flag` is true; returns the flag.
+fn flag_check(
+    readiness: &Readiness,
+    name: &str,
+    initially: bool,
+    reason: &'static str,
+) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(initially));
+    let check = flag.clone();
+    readiness.add(name, move || {
+        let ok = check.load(Ordering::Relaxed);
+        async move { if ok { Ok(()) } else { Err(reason.to_owned()) } }
+    });
+    flag
+}
+
+/// Waits for a tracker's tasks until `deadline`.
+async fn settle(tasks: &TaskTracker, deadline: tokio::time::Instant, what: &str) {
+    tasks.close();
+    if tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("{what} did not finish within the shutdown timeout");
     }
 }
 

@@ -27,8 +27,8 @@ use tracing::{Span, field, instrument};
 use crate::body::{self, Body};
 use crate::faults::{Faults, FaultsPatch};
 use crate::ledger::{
-    AmountMinor, ChargeError, ChargeRequest, ChargeStatus, Currency, IdempotencyKey, Recorded,
-    RefundError, RefundRequest, Text,
+    AmountMinor, ChargeError, ChargeRequest, ChargeStatus, Currency, DeclineReason, IdempotencyKey,
+    Recorded, RefundError, RefundRequest, Text,
 };
 use crate::simulator::Simulator;
 use crate::stats::Counter;
@@ -151,7 +151,11 @@ async fn charge(sim: &Simulator, body: Result<Bytes, BytesRejection>) -> Answer 
     span.record("charge_id", charge.charge_id.as_str());
     if faults.lose_response_rate.draw() {
         sim.bump(Counter::LostResponse);
-        tracing::info!(status = ?charge.status, replayed, "charge processed; losing the response");
+        tracing::info!(
+            status = charge.status.as_str(),
+            replayed,
+            "charge processed; losing the response"
+        );
         return (Outcome::LostResponse, gateway_timeout().into_response());
     }
     let (status, outcome) = match (charge.status, replayed) {
@@ -160,7 +164,12 @@ async fn charge(sim: &Simulator, body: Result<Bytes, BytesRejection>) -> Answer 
         (ChargeStatus::Declined, false) => (StatusCode::PAYMENT_REQUIRED, Outcome::Declined),
         (ChargeStatus::Declined, true) => (StatusCode::PAYMENT_REQUIRED, Outcome::Replayed),
     };
-    tracing::info!(status = ?charge.status, reason = ?charge.reason, replayed, "charge answered");
+    tracing::info!(
+        status = charge.status.as_str(),
+        reason = charge.reason.map(DeclineReason::as_str),
+        replayed,
+        "charge answered"
+    );
     let mut response = (status, axum::Json(charge)).into_response();
     if status == StatusCode::CREATED
         && let Ok(location) = HeaderValue::from_str(&format!("/v1/charges/{}", charge.charge_id))

@@ -161,6 +161,26 @@ pub enum DeclineReason {
     UnsupportedPaymentMethod,
 }
 
+impl ChargeStatus {
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Declined => "declined",
+        }
+    }
+}
+
+impl DeclineReason {
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CardDeclined => "card_declined",
+            Self::UnsupportedPaymentMethod => "unsupported_payment_method",
+        }
+    }
+}
+
 /// Decides a new charge: only card methods that are not in `declined` succeed.
 pub fn decide(method: &Text, declined: &BTreeSet<String>) -> Option<DeclineReason> {
     if !method.as_str().starts_with(CARD_PREFIX) {
