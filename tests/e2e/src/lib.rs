@@ -1,0 +1,468 @@
+//! The end-to-end harness: the whole system as real processes.
+//!
+//! [`System::start`] starts a private nats-server, the payment provider simulator and the three
+//! services from their built binaries (`cargo build --workspace --bins`), each service with its
+//! own fresh database on the chosen backend, every one on its own free port. Tests talk to it
+//! the way a client does (HTTP) and check what it did through its APIs and streams.
+//!
+//! Services can be killed (`SIGKILL`) and restarted with the same settings and database, to
+//! prove that nothing is lost or doubled across crashes.
+// Test support: failing loudly with a clear message is the contract.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use orderflow_testkit::{ChildProcess, NatsServer, TestDb, eventually, free_port};
+use serde_json::{Value, json};
+
+/// How long tests wait for the system to settle.
+pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// The processes of the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// order-service.
+    Order,
+    /// inventory-service.
+    Inventory,
+    /// payment-service.
+    Payment,
+    /// payment-provider-sim.
+    Provider,
+}
+
+impl Service {
+    /// The binary name.
+    pub const fn binary(self) -> &'static str {
+        match self {
+            Self::Order => "order-service",
+            Self::Inventory => "inventory-service",
+            Self::Payment => "payment-service",
+            Self::Provider => "payment-provider-sim",
+        }
+    }
+}
+
+/// Knobs a test may turn; defaults fit a fast test run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// order-service `--saga-deadline`.
+    pub saga_deadline: &'static str,
+    /// payment-service `--payment-deadline`.
+    pub payment_deadline: &'static str,
+    /// payment-service `--breaker-open-for`.
+    pub breaker_open_for: &'static str,
+    /// payment-service `--breaker-failure-threshold`.
+    pub breaker_failure_threshold: u32,
+    /// `--ack-wait` of every service.
+    pub ack_wait: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            saga_deadline: "60s",
+            payment_deadline: "20s",
+            breaker_open_for: "1s",
+            breaker_failure_threshold: 3,
+            ack_wait: "5s",
+        }
+    }
+}
+
+struct Proc {
+    env: Vec<(String, String)>,
+    port: u16,
+    child: Option<ChildProcess>,
+}
+
+/// A running system.
+pub struct System {
+    /// The NATS server.
+    pub nats: NatsServer,
+    procs: HashMap<Service, Proc>,
+    dbs: Vec<TestDb>,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    /// Which backend the services use: `sqlite` or `postgres`.
+    pub backend: &'static str,
+}
+
+impl System {
+    /// Starts everything with default options; `db` picks the backend (the services get fresh
+    /// databases of the same kind) and is kept as one of them.
+    pub async fn start(db: TestDb) -> Self {
+        Self::start_with(db, Options::default()).await
+    }
+
+    /// Starts everything with `options`.
+    pub async fn start_with(db: TestDb, options: Options) -> Self {
+        let backend = db.name();
+        let (orders_db, inventory_db) = match &db {
+            TestDb::Sqlite(_) => (TestDb::sqlite(), TestDb::sqlite()),
+            TestDb::Postgres(_) => (TestDb::postgres().await, TestDb::postgres().await),
+        };
+        let payments_db = db;
+        let nats = NatsServer::start().await;
+        let mut procs = HashMap::new();
+        let common = |port: u16, db: Option<&TestDb>| {
+            let mut env = vec![
+                (
+                    "ORDERFLOW_HTTP_ADDR".to_owned(),
+                    format!("127.0.0.1:{port}"),
+                ),
+                ("ORDERFLOW_NATS_URL".to_owned(), nats.url()),
+                ("ORDERFLOW_LOG_FORMAT".to_owned(), "json".to_owned()),
+                ("ORDERFLOW_ACK_WAIT".to_owned(), options.ack_wait.to_owned()),
+                ("ORDERFLOW_SHUTDOWN_TIMEOUT".to_owned(), "5s".to_owned()),
+                ("RUST_LOG".to_owned(), "info".to_owned()),
+            ];
+            if let Some(db) = db {
+                env.push(("ORDERFLOW_DATABASE_URL".to_owned(), db.url().to_owned()));
+            }
+            env
+        };
+        let provider_port = free_port();
+        procs.insert(
+            Service::Provider,
+            Proc {
+                env: common(provider_port, None),
+                port: provider_port,
+                child: None,
+            },
+        );
+        let inventory_port = free_port();
+        procs.insert(
+            Service::Inventory,
+            Proc {
+                env: common(inventory_port, Some(&inventory_db)),
+                port: inventory_port,
+                child: None,
+            },
+        );
+        let payment_port = free_port();
+        let mut payment_env = common(payment_port, Some(&payments_db));
+        payment_env.extend([
+            (
+                "ORDERFLOW_PROVIDER_URL".to_owned(),
+                format!("http://127.0.0.1:{provider_port}"),
+            ),
+            (
+                "ORDERFLOW_PAYMENT_DEADLINE".to_owned(),
+                options.payment_deadline.to_owned(),
+            ),
+            (
+                "ORDERFLOW_BREAKER_OPEN_FOR".to_owned(),
+                options.breaker_open_for.to_owned(),
+            ),
+            (
+                "ORDERFLOW_BREAKER_FAILURE_THRESHOLD".to_owned(),
+                options.breaker_failure_threshold.to_string(),
+            ),
+            (
+                "ORDERFLOW_RECONCILE_INTERVAL".to_owned(),
+                "500ms".to_owned(),
+            ),
+        ]);
+        procs.insert(
+            Service::Payment,
+            Proc {
+                env: payment_env,
+                port: payment_port,
+                child: None,
+            },
+        );
+        let order_port = free_port();
+        let mut order_env = common(order_port, Some(&orders_db));
+        order_env.extend([
+            (
+                "ORDERFLOW_SAGA_DEADLINE".to_owned(),
+                options.saga_deadline.to_owned(),
+            ),
+            (
+                "ORDERFLOW_SAGA_CHECK_INTERVAL".to_owned(),
+                "200ms".to_owned(),
+            ),
+        ]);
+        procs.insert(
+            Service::Order,
+            Proc {
+                env: order_env,
+                port: order_port,
+                child: None,
+            },
+        );
+
+        let mut system = Self {
+            nats,
+            procs,
+            dbs: vec![orders_db, inventory_db, payments_db],
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            backend,
+        };
+        for s in [
+            Service::Provider,
+            Service::Inventory,
+            Service::Payment,
+            Service::Order,
+        ] {
+            system.spawn(s);
+        }
+        for s in [
+            Service::Provider,
+            Service::Inventory,
+            Service::Payment,
+            Service::Order,
+        ] {
+            system.wait_ready(s).await;
+        }
+        system
+    }
+
+    fn spawn(&mut self, service: Service) {
+        let proc = self.procs.get_mut(&service).unwrap();
+        let child =
+            ChildProcess::spawn_binary(service.binary(), Vec::<String>::new(), proc.env.clone());
+        proc.child = Some(child);
+    }
+
+    /// The base URL of a process.
+    pub fn url(&self, service: Service) -> String {
+        format!("http://127.0.0.1:{}", self.procs[&service].port)
+    }
+
+    /// Waits until `/readyz` of a process answers 200.
+    pub async fn wait_ready(&mut self, service: Service) {
+        let url = format!("{}/readyz", self.url(service));
+        let http = self.http.clone();
+        let waited = tokio::time::timeout(
+            SETTLE,
+            eventually(SETTLE, &format!("{} ready", service.binary()), || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let r = http.get(&url).send().await.map_err(|e| e.to_string())?;
+                    if r.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(r.text().await.unwrap_or_default())
+                    }
+                }
+            }),
+        )
+        .await;
+        if waited.is_err() {
+            panic!(
+                "{} not ready; log:\n{}",
+                service.binary(),
+                self.log_tail(service)
+            );
+        }
+    }
+
+    /// The tail of a process's log.
+    pub fn log_tail(&self, service: Service) -> String {
+        self.procs[&service]
+            .child
+            .as_ref()
+            .map(|c| c.log_tail(60))
+            .unwrap_or_default()
+    }
+
+    /// Kills a process with SIGKILL (no shutdown of any kind).
+    pub fn kill(&mut self, service: Service) {
+        if let Some(mut child) = self.procs.get_mut(&service).unwrap().child.take() {
+            child.kill();
+        }
+    }
+
+    /// Starts a killed process again with the same settings and database, and waits until ready.
+    pub async fn restart(&mut self, service: Service) {
+        self.spawn(service);
+        self.wait_ready(service).await;
+    }
+
+    /// Stops a process with SIGTERM and returns whether it exited successfully.
+    pub async fn terminate(&mut self, service: Service) -> bool {
+        let mut child = self.procs.get_mut(&service).unwrap().child.take().unwrap();
+        child.terminate();
+        child.wait_exit(Duration::from_secs(30)).await.success()
+    }
+
+    /// `POST /v1/orders` with a JSON body, optionally with an idempotency key.
+    pub async fn post_order(&self, body: &Value, key: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/orders", self.url(Service::Order)))
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Places an order and returns its id (panics unless accepted).
+    pub async fn place(&self, items: &[(&str, u32)], payment_method: &str) -> String {
+        let response = self
+            .post_order(&order_body("c-1", items, payment_method), None)
+            .await;
+        assert_eq!(
+            response.status(),
+            202,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
+        response.json::<Value>().await.unwrap()["order_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// `GET /v1/orders/{id}`.
+    pub async fn order(&self, id: &str) -> Value {
+        self.get_json(Service::Order, &format!("/v1/orders/{id}"))
+            .await
+    }
+
+    /// Waits until an order is confirmed or cancelled and returns it.
+    pub async fn terminal(&self, id: &str) -> Value {
+        eventually(SETTLE, &format!("order {id} terminal"), || async {
+            let order = self.order(id).await;
+            if order["status"] == "pending" {
+                Err(format!("{order}"))
+            } else {
+                Ok(order)
+            }
+        })
+        .await
+    }
+
+    /// A GET returning JSON.
+    pub async fn get_json(&self, service: Service, path: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url(service)))
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    }
+
+    /// One product from the inventory.
+    pub async fn product(&self, id: &str) -> Value {
+        self.get_json(Service::Inventory, &format!("/v1/products/{id}"))
+            .await
+    }
+
+    /// Checks `available + reserved + committed = initial + restocked` for every product.
+    pub async fn assert_stock_conserved(&self) {
+        let products = self.get_json(Service::Inventory, "/v1/products").await;
+        for p in products["products"].as_array().unwrap() {
+            let n = |k: &str| p[k].as_i64().unwrap();
+            assert_eq!(
+                n("available") + n("reserved") + n("committed"),
+                n("initial") + n("restocked"),
+                "stock not conserved: {p}"
+            );
+        }
+    }
+
+    /// Sets the simulator's faults (`PUT /admin/faults`).
+    pub async fn set_faults(&self, faults: Value) {
+        let r = self
+            .http
+            .put(format!("{}/admin/faults", self.url(Service::Provider)))
+            .json(&faults)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    /// The simulator's counters.
+    pub async fn provider_stats(&self) -> Value {
+        self.get_json(Service::Provider, "/v1/stats").await
+    }
+
+    /// The simulator's charges.
+    pub async fn provider_charges(&self) -> Vec<Value> {
+        self.get_json(Service::Provider, "/v1/charges").await["charges"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// How many messages a stream holds.
+    pub async fn stream_len(&self, stream: &str) -> u64 {
+        let js = async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap());
+        js.get_stream(stream)
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    }
+
+    /// Every message of a stream on `subject` (all messages when `None`), as (subject, JSON payload).
+    pub async fn stream_events(&self, stream: &str) -> Vec<(String, Value)> {
+        let js = async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap());
+        let stream = js.get_stream(stream).await.unwrap();
+        let n = stream.get_info().await.unwrap().state.messages as usize;
+        if n == 0 {
+            return Vec::new();
+        }
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            out.push((
+                m.subject.to_string(),
+                serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
+            ));
+        }
+        out
+    }
+
+    /// The databases, for checks that read them directly.
+    pub fn databases(&self) -> &[TestDb] {
+        &self.dbs
+    }
+}
+
+/// A `POST /v1/orders` body.
+pub fn order_body(customer: &str, items: &[(&str, u32)], payment_method: &str) -> Value {
+    json!({
+        "customer_id": customer,
+        "items": items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect::<Vec<_>>(),
+        "payment_method": payment_method,
+    })
+}
+
+impl System {
+    /// A raw GET on the order service, for status-code checks.
+    pub async fn get_json_raw(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url(Service::Order)))
+            .send()
+            .await
+            .unwrap()
+    }
+}
