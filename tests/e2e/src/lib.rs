@@ -58,6 +58,9 @@ pub struct Options {
     pub breaker_failure_threshold: u32,
     /// `--ack-wait` of every service.
     pub ack_wait: &'static str,
+    /// Processes of each service (order, inventory, payment) sharing one database; more than
+    /// one only on PostgreSQL.
+    pub replicas: usize,
 }
 
 impl Default for Options {
@@ -68,6 +71,7 @@ impl Default for Options {
             breaker_open_for: "1s",
             breaker_failure_threshold: 3,
             ack_wait: "5s",
+            replicas: 1,
         }
     }
 }
@@ -78,11 +82,34 @@ struct Proc {
     child: Option<ChildProcess>,
 }
 
+impl Proc {
+    /// The same process settings on another port (a replica).
+    fn replica(&self) -> Self {
+        let port = free_port();
+        let env = self
+            .env
+            .iter()
+            .map(|(k, v)| {
+                if k == "ORDERFLOW_HTTP_ADDR" {
+                    (k.clone(), format!("127.0.0.1:{port}"))
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        Self {
+            env,
+            port,
+            child: None,
+        }
+    }
+}
+
 /// A running system.
 pub struct System {
     /// The NATS server.
     pub nats: NatsServer,
-    procs: HashMap<Service, Proc>,
+    procs: HashMap<Service, Vec<Proc>>,
     dbs: Vec<TestDb>,
     /// An HTTP client.
     pub http: reqwest::Client,
@@ -124,76 +151,70 @@ impl System {
             }
             env
         };
+        let proc = |env: Vec<(String, String)>, port: u16| Proc {
+            env,
+            port,
+            child: None,
+        };
         let provider_port = free_port();
         procs.insert(
             Service::Provider,
-            Proc {
-                env: common(provider_port, None),
-                port: provider_port,
-                child: None,
-            },
+            vec![proc(common(provider_port, None), provider_port)],
         );
         let inventory_port = free_port();
         procs.insert(
             Service::Inventory,
-            Proc {
-                env: common(inventory_port, Some(&inventory_db)),
-                port: inventory_port,
-                child: None,
-            },
+            vec![proc(
+                common(inventory_port, Some(&inventory_db)),
+                inventory_port,
+            )],
         );
         let payment_port = free_port();
         let mut payment_env = common(payment_port, Some(&payments_db));
-        payment_env.extend([
-            (
-                "ORDERFLOW_PROVIDER_URL".to_owned(),
-                format!("http://127.0.0.1:{provider_port}"),
-            ),
-            (
-                "ORDERFLOW_PAYMENT_DEADLINE".to_owned(),
-                options.payment_deadline.to_owned(),
-            ),
-            (
-                "ORDERFLOW_BREAKER_OPEN_FOR".to_owned(),
-                options.breaker_open_for.to_owned(),
-            ),
-            (
-                "ORDERFLOW_BREAKER_FAILURE_THRESHOLD".to_owned(),
-                options.breaker_failure_threshold.to_string(),
-            ),
-            (
-                "ORDERFLOW_RECONCILE_INTERVAL".to_owned(),
-                "500ms".to_owned(),
-            ),
-        ]);
-        procs.insert(
-            Service::Payment,
-            Proc {
-                env: payment_env,
-                port: payment_port,
-                child: None,
-            },
+        payment_env.extend(
+            [
+                (
+                    "ORDERFLOW_PROVIDER_URL",
+                    format!("http://127.0.0.1:{provider_port}"),
+                ),
+                (
+                    "ORDERFLOW_PAYMENT_DEADLINE",
+                    options.payment_deadline.to_owned(),
+                ),
+                (
+                    "ORDERFLOW_BREAKER_OPEN_FOR",
+                    options.breaker_open_for.to_owned(),
+                ),
+                (
+                    "ORDERFLOW_BREAKER_FAILURE_THRESHOLD",
+                    options.breaker_failure_threshold.to_string(),
+                ),
+                ("ORDERFLOW_RECONCILE_INTERVAL", "500ms".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
         );
+        procs.insert(Service::Payment, vec![proc(payment_env, payment_port)]);
         let order_port = free_port();
         let mut order_env = common(order_port, Some(&orders_db));
-        order_env.extend([
-            (
-                "ORDERFLOW_SAGA_DEADLINE".to_owned(),
-                options.saga_deadline.to_owned(),
-            ),
-            (
-                "ORDERFLOW_SAGA_CHECK_INTERVAL".to_owned(),
-                "200ms".to_owned(),
-            ),
-        ]);
-        procs.insert(
-            Service::Order,
-            Proc {
-                env: order_env,
-                port: order_port,
-                child: None,
-            },
+        order_env.extend(
+            [
+                ("ORDERFLOW_SAGA_DEADLINE", options.saga_deadline.to_owned()),
+                ("ORDERFLOW_SAGA_CHECK_INTERVAL", "200ms".to_owned()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
         );
+        procs.insert(Service::Order, vec![proc(order_env, order_port)]);
+        assert!(
+            options.replicas == 1 || backend == "postgres",
+            "replicas need PostgreSQL"
+        );
+        for s in [Service::Inventory, Service::Payment, Service::Order] {
+            let list = procs.get_mut(&s).unwrap();
+            for _ in 1..options.replicas {
+                let replica = list[0].replica();
+                list.push(replica);
+            }
+        }
 
         let mut system = Self {
             nats,
@@ -205,40 +226,50 @@ impl System {
                 .unwrap(),
             backend,
         };
-        for s in [
+        let all = [
             Service::Provider,
             Service::Inventory,
             Service::Payment,
             Service::Order,
-        ] {
-            system.spawn(s);
+        ];
+        for s in all {
+            for replica in 0..system.replicas(s) {
+                system.spawn(s, replica);
+            }
         }
-        for s in [
-            Service::Provider,
-            Service::Inventory,
-            Service::Payment,
-            Service::Order,
-        ] {
-            system.wait_ready(s).await;
+        for s in all {
+            for replica in 0..system.replicas(s) {
+                system.wait_ready(s, replica).await;
+            }
         }
         system
     }
 
-    fn spawn(&mut self, service: Service) {
-        let proc = self.procs.get_mut(&service).unwrap();
+    fn spawn(&mut self, service: Service, replica: usize) {
+        let proc = &mut self.procs.get_mut(&service).unwrap()[replica];
         let child =
             ChildProcess::spawn_binary(service.binary(), Vec::<String>::new(), proc.env.clone());
         proc.child = Some(child);
     }
 
-    /// The base URL of a process.
+    /// The base URL of a service's first replica.
     pub fn url(&self, service: Service) -> String {
-        format!("http://127.0.0.1:{}", self.procs[&service].port)
+        self.replica_url(service, 0)
     }
 
-    /// Waits until `/readyz` of a process answers 200.
-    pub async fn wait_ready(&mut self, service: Service) {
-        let url = format!("{}/readyz", self.url(service));
+    /// The base URL of one replica of a service.
+    pub fn replica_url(&self, service: Service, replica: usize) -> String {
+        format!("http://127.0.0.1:{}", self.procs[&service][replica].port)
+    }
+
+    /// How many replicas of a service run.
+    pub fn replicas(&self, service: Service) -> usize {
+        self.procs[&service].len()
+    }
+
+    /// Waits until `/readyz` of one replica answers 200.
+    pub async fn wait_ready(&mut self, service: Service, replica: usize) {
+        let url = format!("{}/readyz", self.replica_url(service, replica));
         let http = self.http.clone();
         let waited = tokio::time::timeout(
             SETTLE,
@@ -259,36 +290,50 @@ impl System {
             panic!(
                 "{} not ready; log:\n{}",
                 service.binary(),
-                self.log_tail(service)
+                self.log_tail(service, replica)
             );
         }
     }
 
-    /// The tail of a process's log.
-    pub fn log_tail(&self, service: Service) -> String {
-        self.procs[&service]
+    /// The tail of one replica's log.
+    pub fn log_tail(&self, service: Service, replica: usize) -> String {
+        self.procs[&service][replica]
             .child
             .as_ref()
             .map(|c| c.log_tail(60))
             .unwrap_or_default()
     }
 
-    /// Kills a process with SIGKILL (no shutdown of any kind).
+    /// Kills the first replica of a service with SIGKILL (no shutdown of any kind).
     pub fn kill(&mut self, service: Service) {
-        if let Some(mut child) = self.procs.get_mut(&service).unwrap().child.take() {
+        self.kill_replica(service, 0);
+    }
+
+    /// Kills one replica with SIGKILL.
+    pub fn kill_replica(&mut self, service: Service, replica: usize) {
+        if let Some(mut child) = self.procs.get_mut(&service).unwrap()[replica].child.take() {
             child.kill();
         }
     }
 
-    /// Starts a killed process again with the same settings and database, and waits until ready.
+    /// Starts the killed first replica again with the same settings and database, and waits
+    /// until it is ready.
     pub async fn restart(&mut self, service: Service) {
-        self.spawn(service);
-        self.wait_ready(service).await;
+        self.restart_replica(service, 0).await;
     }
 
-    /// Stops a process with SIGTERM and returns whether it exited successfully.
+    /// Starts a killed replica again and waits until it is ready.
+    pub async fn restart_replica(&mut self, service: Service, replica: usize) {
+        self.spawn(service, replica);
+        self.wait_ready(service, replica).await;
+    }
+
+    /// Stops the first replica with SIGTERM and returns whether it exited successfully.
     pub async fn terminate(&mut self, service: Service) -> bool {
-        let mut child = self.procs.get_mut(&service).unwrap().child.take().unwrap();
+        let mut child = self.procs.get_mut(&service).unwrap()[0]
+            .child
+            .take()
+            .unwrap();
         child.terminate();
         child.wait_exit(Duration::from_secs(30)).await.success()
     }

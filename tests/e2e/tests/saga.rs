@@ -246,7 +246,74 @@ async fn saga_deadline_cancels_stuck_orders(db: TestDb) {
     system.assert_stock_conserved().await;
 }
 
+/// Many concurrent orders for a product with little stock (several replicas of every service
+/// on PostgreSQL) reserve exactly the stock there is: never more.
+async fn concurrent_orders_never_oversell(db: TestDb) {
+    const ORDERS: usize = 24;
+    let replicas = if db.name() == "postgres" { 2 } else { 1 };
+    let system = System::start_with(
+        db,
+        Options {
+            replicas,
+            ..Options::default()
+        },
+    )
+    .await;
+    let stock = system.product("SKU-005").await["available"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(stock, 5, "the demo catalog's limited product");
+    let placed = futures::future::join_all((0..ORDERS).map(|i| {
+        let system = &system;
+        async move {
+            // Lines in both orders, so concurrent reservations lock rows in different orders.
+            let items: &[(&str, u32)] = if i % 2 == 0 {
+                &[("SKU-005", 1), ("SKU-001", 1)]
+            } else {
+                &[("SKU-001", 1), ("SKU-005", 1)]
+            };
+            let url = format!(
+                "{}/v1/orders",
+                system.replica_url(Service::Order, i % system.replicas(Service::Order))
+            );
+            let r = system
+                .http
+                .post(url)
+                .json(&orderflow_e2e::order_body("rush", items, "card_ok"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            r.json::<serde_json::Value>().await.unwrap()["order_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    }))
+    .await;
+    let mut confirmed = 0;
+    for id in &placed {
+        let order = system.terminal(id).await;
+        match order["status"].as_str() {
+            Some("confirmed") => confirmed += 1,
+            _ => assert_eq!(order["cancel_reason"], "insufficient_stock", "{order}"),
+        }
+    }
+    assert_eq!(confirmed, 5, "exactly the stock there was");
+    eventually(orderflow_e2e::SETTLE, "stock settled", || async {
+        let p = system.product("SKU-005").await;
+        if p["committed"] == 5 && p["available"] == 0 && p["reserved"] == 0 {
+            Ok(())
+        } else {
+            Err(p.to_string())
+        }
+    })
+    .await;
+    system.assert_stock_conserved().await;
+}
+
 on_every_backend!(
+    concurrent_orders_never_oversell,
     happy_path_confirms_and_commits_stock,
     stock_problems_cancel_without_touching_stock,
     declined_card_cancels_and_releases_stock,
