@@ -65,6 +65,8 @@ pub mod consumers {
     pub const ORDER_INVENTORY: &str = "order-inventory";
     /// Order reads `payments.completed`, `payments.failed` and `payments.refunded`.
     pub const ORDER_PAYMENTS: &str = "order-payments";
+    /// Every service reads max-deliveries advisories to dead-letter what no handler could.
+    pub const DEAD_LETTER_ADVISORIES: &str = "dead-letter-advisories";
 }
 
 /// Header names. CloudEvents 1.0 binary content mode maps attributes to `ce-` headers.

@@ -115,3 +115,495 @@ fn error_preview(s: &str) -> &str {
     let end = s.char_indices().nth(300).map_or(s.len(), |(i, _)| i);
     &s[..end]
 }
+
+fn is_not_found(e: &async_nats::jetstream::stream::RawMessageError) -> bool {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    matches!(e.kind(), RawMessageErrorKind::NoMessageFound)
+}
+
+/// A dead letter as an operator sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    /// Its sequence in the `DEAD_LETTERS` stream: its id for show, replay and purge.
+    pub seq: u64,
+    /// The subject the original message was published on.
+    pub subject: String,
+    /// The durable consumer that gave up.
+    pub consumer: String,
+    /// The stream the original came from.
+    pub stream: String,
+    /// The original's sequence in that stream.
+    pub stream_sequence: u64,
+    /// How many times the original was delivered.
+    pub deliveries: u64,
+    /// Why: `poison`, `permanent`, `retries-exhausted`, `max-deliveries`.
+    pub reason: String,
+    /// The error chain.
+    pub error: String,
+    /// The original's CloudEvents type, when it had one.
+    pub event_type: Option<String>,
+    /// The original's event id, when it had one.
+    pub event_id: Option<String>,
+    /// When the original was published (its CloudEvents time), when known.
+    pub first_failure: Option<String>,
+    /// When it was dead-lettered.
+    pub dead_lettered_at: String,
+    /// Every header of the dead letter (the original's plus the `Orderflow-DL-*` ones).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The original payload (UTF-8; lossy for binary payloads).
+    pub payload: String,
+    #[serde(skip)]
+    raw_payload: Bytes,
+}
+
+impl DeadLetter {
+    /// Groups failures that are the same problem: consumer, reason and event type.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.consumer,
+            self.reason,
+            self.event_type.as_deref().unwrap_or("unknown-type")
+        )
+    }
+
+    fn from_stream_message(m: &async_nats::jetstream::message::StreamMessage) -> Self {
+        let headers = header_pairs(&m.headers);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let number = |name: &str| get(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let time = OffsetDateTime::from_unix_timestamp_nanos(m.time.unix_timestamp_nanos())
+            .map(format_time)
+            .unwrap_or_default();
+        Self {
+            seq: m.sequence,
+            subject: get(headers::DL_SUBJECT).unwrap_or_default(),
+            consumer: get(headers::DL_CONSUMER).unwrap_or_default(),
+            stream: get(headers::DL_STREAM).unwrap_or_default(),
+            stream_sequence: number(headers::DL_STREAM_SEQ),
+            deliveries: number(headers::DL_DELIVERIES),
+            reason: get(headers::DL_REASON).unwrap_or_default(),
+            error: get(headers::DL_ERROR).unwrap_or_default(),
+            event_type: get(headers::CE_TYPE),
+            event_id: get(headers::CE_ID),
+            first_failure: get(headers::DL_FIRST_FAILURE).or_else(|| get(headers::CE_TIME)),
+            dead_lettered_at: get(headers::DL_TIME).unwrap_or(time),
+            payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            raw_payload: m.payload.clone(),
+            headers,
+        }
+    }
+
+    /// Drops headers and payload, for listings.
+    #[must_use]
+    pub fn summary(mut self) -> Self {
+        self.headers.clear();
+        self.payload.clear();
+        self
+    }
+}
+
+/// Which dead letters an operation applies to. Empty fields match everything.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Filter {
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this original subject.
+    pub subject: Option<String>,
+    /// Only errors containing this text.
+    pub error: Option<String>,
+    /// Only this reason.
+    pub reason: Option<String>,
+    /// Only dead-lettered at or after this RFC 3339 time.
+    pub since: Option<String>,
+    /// Only dead-lettered before this RFC 3339 time.
+    pub until: Option<String>,
+    /// Only these dead-letter sequences.
+    pub seqs: Option<Vec<u64>>,
+}
+
+impl Filter {
+    /// Whether a dead letter matches.
+    pub fn matches(&self, dl: &DeadLetter) -> bool {
+        use time::format_description::well_known::Rfc3339;
+        let at = OffsetDateTime::parse(&dl.dead_lettered_at, &Rfc3339).ok();
+        let bound = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        };
+        self.consumer.as_ref().is_none_or(|c| *c == dl.consumer)
+            && self.subject.as_ref().is_none_or(|s| *s == dl.subject)
+            && self.reason.as_ref().is_none_or(|r| *r == dl.reason)
+            && self
+                .error
+                .as_ref()
+                .is_none_or(|e| dl.error.contains(e.as_str()))
+            && self.seqs.as_ref().is_none_or(|seqs| seqs.contains(&dl.seq))
+            && bound(&self.since).is_none_or(|since| at.is_some_and(|at| at >= since))
+            && bound(&self.until).is_none_or(|until| at.is_some_and(|at| at < until))
+    }
+
+    /// Checks the time bounds parse, naming the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        use time::format_description::well_known::Rfc3339;
+        for (name, value) in [("since", &self.since), ("until", &self.until)] {
+            if let Some(v) = value
+                && OffsetDateTime::parse(v, &Rfc3339).is_err()
+            {
+                return Err(format!(
+                    "{name}: {v:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Dead letters of one fingerprint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Group {
+    /// consumer/reason/event type.
+    pub fingerprint: String,
+    /// How many.
+    pub count: usize,
+    /// The oldest's dead-letter time.
+    pub first: String,
+    /// The newest's dead-letter time.
+    pub last: String,
+    /// The newest's error.
+    pub last_error: String,
+    /// Their sequences.
+    pub seqs: Vec<u64>,
+}
+
+/// Groups dead letters by fingerprint, biggest group first.
+pub fn group(letters: &[DeadLetter]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for dl in letters {
+        let fp = dl.fingerprint();
+        match groups.iter_mut().find(|g| g.fingerprint == fp) {
+            Some(g) => {
+                g.count += 1;
+                g.last.clone_from(&dl.dead_lettered_at);
+                g.last_error.clone_from(&dl.error);
+                g.seqs.push(dl.seq);
+            }
+            None => groups.push(Group {
+                fingerprint: fp,
+                count: 1,
+                first: dl.dead_lettered_at.clone(),
+                last: dl.dead_lettered_at.clone(),
+                last_error: dl.error.clone(),
+                seqs: vec![dl.seq],
+            }),
+        }
+    }
+    groups.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.fingerprint.cmp(&b.fingerprint))
+    });
+    groups
+}
+
+/// What a replay or purge did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Outcome {
+    /// Dead letters that matched.
+    pub matched: usize,
+    /// Dead letters replayed or purged (0 in a dry run).
+    pub done: usize,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// The sequences that matched.
+    pub seqs: Vec<u64>,
+    /// Failures, one line each.
+    pub errors: Vec<String>,
+}
+
+/// Operator access to the dead-letter stream: list, show, replay, purge.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    nats: crate::Nats,
+    publisher: Publisher,
+}
+
+impl DeadLetters {
+    /// Dead-letter operations on a connection.
+    pub fn new(nats: &crate::Nats) -> Self {
+        Self {
+            nats: nats.clone(),
+            publisher: Publisher::new(nats),
+        }
+    }
+
+    async fn stream(&self) -> Result<async_nats::jetstream::stream::Stream, MessagingError> {
+        self.nats
+            .jetstream()
+            .get_stream(orderflow_contracts::names::streams::DEAD_LETTERS)
+            .await
+            .map_err(|e| MessagingError::js("get dead-letter stream", e))
+    }
+
+    /// Every dead letter matching `filter`, oldest first, at most `limit`.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, MessagingError> {
+        let stream = self.stream().await?;
+        let last = stream
+            .get_info()
+            .await
+            .map_err(|e| MessagingError::js("dead-letter stream info", e))?
+            .state
+            .last_sequence;
+        let all = format!("{}.>", subjects::DEAD_LETTER_PREFIX);
+        let mut next = 1;
+        let mut out = Vec::new();
+        while next <= last && out.len() < limit {
+            let m = match stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(all.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => return Err(MessagingError::js("read dead letter", e)),
+            };
+            next = m.sequence + 1;
+            let dl = DeadLetter::from_stream_message(&m);
+            if filter.matches(&dl) {
+                out.push(dl);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dead letter with its headers and payload.
+    pub async fn show(&self, seq: u64) -> Result<Option<DeadLetter>, MessagingError> {
+        let stream = self.stream().await?;
+        match stream.get_raw_message(seq).await {
+            Ok(m) if m.subject.starts_with(subjects::DEAD_LETTER_PREFIX) => {
+                Ok(Some(DeadLetter::from_stream_message(&m)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(MessagingError::js("read dead letter", e)),
+        }
+    }
+
+    /// Republishes matching dead letters to their original subjects, at most `per_second` a
+    /// second, then deletes each from the dead-letter stream. A replay keeps the event id (so the
+    /// consumer's inbox still prevents a second effect) but gets a fresh `Nats-Msg-Id` (the
+    /// duplicate window would otherwise drop it).
+    pub async fn replay(
+        &self,
+        filter: &Filter,
+        dry_run: bool,
+        per_second: u32,
+    ) -> Result<Outcome, MessagingError> {
+        let letters = self.list(filter, usize::MAX).await?;
+        let mut outcome = Outcome {
+            matched: letters.len(),
+            dry_run,
+            seqs: letters.iter().map(|d| d.seq).collect(),
+            ..Outcome::default()
+        };
+        if dry_run {
+            return Ok(outcome);
+        }
+        let stream = self.stream().await?;
+        let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
+        for dl in letters {
+            let mut headers: Vec<(String, String)> = dl
+                .headers
+                .iter()
+                .filter(|(k, _)| !k.starts_with("Orderflow-DL-"))
+                .cloned()
+                .collect();
+            headers.retain(|(k, _)| k != headers::NATS_MSG_ID);
+            let original_id = dl
+                .event_id
+                .clone()
+                .unwrap_or_else(|| format!("seq{}", dl.stream_sequence));
+            headers.push((
+                headers::NATS_MSG_ID.to_owned(),
+                format!("replay:{original_id}:dl{}", dl.seq),
+            ));
+            match self
+                .publisher
+                .publish_raw(&dl.subject, &headers, dl.raw_payload.clone())
+                .await
+            {
+                Ok(_) => {
+                    if let Err(e) = stream.delete_message(dl.seq).await {
+                        outcome.errors.push(format!(
+                            "dead letter {} replayed but not deleted: {e}",
+                            dl.seq
+                        ));
+                    }
+                    outcome.done += 1;
+                    tracing::info!(seq = dl.seq, subject = %dl.subject, consumer = %dl.consumer, "dead letter replayed");
+                }
+                Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes matching dead letters.
+    pub async fn purge(&self, filter: &Filter, dry_run: bool) -> Result<Outcome, MessagingError> {
+        let letters = self.list(filter, usize::MAX).await?;
+        let mut outcome = Outcome {
+            matched: letters.len(),
+            dry_run,
+            seqs: letters.iter().map(|d| d.seq).collect(),
+            ..Outcome::default()
+        };
+        if dry_run {
+            return Ok(outcome);
+        }
+        let stream = self.stream().await?;
+        for dl in letters {
+            match stream.delete_message(dl.seq).await {
+                Ok(_) => outcome.done += 1,
+                Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+            }
+        }
+        tracing::warn!(purged = outcome.done, "dead letters purged");
+        Ok(outcome)
+    }
+}
+
+/// The fields of a JetStream max-deliveries advisory that matter here.
+#[derive(Debug, serde::Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream: String,
+    consumer: String,
+    stream_seq: u64,
+    deliveries: u64,
+}
+
+/// Captures messages JetStream gave up on without any handler dead-lettering them — the
+/// process handling them died on every delivery — from the max-deliveries advisories kept in
+/// the `ADVISORIES` stream, and dead-letters the original message (reason `max-deliveries`).
+/// Every service runs one; they share one durable consumer, so each advisory is handled once,
+/// and none is missed while all are down.
+#[derive(Debug, Clone)]
+pub struct AdvisoryWatcher {
+    nats: crate::Nats,
+    spec: crate::ConsumerSpec,
+}
+
+impl AdvisoryWatcher {
+    /// A watcher reading the declared advisory consumer.
+    pub fn new(nats: &crate::Nats, topology: &crate::Topology) -> Option<Self> {
+        let spec = topology
+            .consumer(orderflow_contracts::names::consumers::DEAD_LETTER_ADVISORIES)?
+            .clone();
+        Some(Self {
+            nats: nats.clone(),
+            spec,
+        })
+    }
+
+    /// Runs until `stop`.
+    pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt;
+        let publisher = Publisher::new(&self.nats);
+        while !stop.is_cancelled() {
+            let messages = match crate::topology::reconcile_consumer(&self.nats, &self.spec).await {
+                Ok(consumer) => consumer
+                    .messages()
+                    .await
+                    .map_err(|e| MessagingError::js("pull advisories", e)),
+                Err(e) => Err(e),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "advisory watcher cannot start; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(2)) => continue,
+                        () = stop.cancelled() => return,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    () = stop.cancelled() => return,
+                };
+                let Some(Ok(msg)) = next else { break };
+                match self.capture(&publisher, &msg.payload).await {
+                    Ok(()) => {
+                        if let Err(e) = msg.ack().await {
+                            tracing::debug!(error = %e, "advisory ack failed; it will be handled again (stored once)");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot dead-letter from an advisory; retrying");
+                        let _ = msg
+                            .ack_with(async_nats::jetstream::AckKind::Nak(Some(
+                                std::time::Duration::from_secs(2),
+                            )))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn capture(&self, publisher: &Publisher, advisory: &[u8]) -> Result<(), MessagingError> {
+        let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(advisory) else {
+            tracing::warn!("ignoring an advisory that does not parse");
+            return Ok(());
+        };
+        let stream = self
+            .nats
+            .jetstream()
+            .get_stream(&advisory.stream)
+            .await
+            .map_err(|e| MessagingError::js("get stream", e))?;
+        let (subject, headers, payload, error) = match stream.get_raw_message(advisory.stream_seq).await {
+            Ok(m) => (
+                m.subject.to_string(),
+                Some(m.headers),
+                m.payload,
+                "JetStream stopped delivering after max deliveries without an ack: the handler never finished".to_owned(),
+            ),
+            Err(e) => (
+                String::new(),
+                None,
+                Bytes::new(),
+                format!("max deliveries reached; the original message is no longer in the stream: {e}"),
+            ),
+        };
+        let origin = Origin {
+            subject: &subject,
+            stream: &advisory.stream,
+            stream_sequence: advisory.stream_seq,
+            consumer: &advisory.consumer,
+            deliveries: advisory.deliveries,
+        };
+        publish(
+            publisher,
+            &origin,
+            headers.as_ref(),
+            payload,
+            DeadLetterReason::MaxDeliveries,
+            &error,
+        )
+        .await
+    }
+}

@@ -34,6 +34,7 @@ pub mod publisher;
 pub mod runner;
 pub mod topology;
 
+pub use deadletter::{AdvisoryWatcher, DeadLetters};
 pub use error::MessagingError;
 pub use nats::{Nats, NatsConfig};
 pub use outbox::{Outbox, OutboxRelay, RelayConfig};

@@ -185,6 +185,12 @@ impl Topology {
                     ],
                     "order confirms or cancels orders on payment outcomes and records refunds",
                 ),
+                consumer(
+                    streams::ADVISORIES,
+                    consumers::DEAD_LETTER_ADVISORIES,
+                    &[subjects::MAX_DELIVERIES_ADVISORY],
+                    "every service dead-letters messages JetStream gave up on",
+                ),
             ],
         }
     }

@@ -238,6 +238,9 @@ impl ServiceHost {
         let metrics = telemetry::metrics_handle();
         let app = routes
             .merge(probe_routes(readiness.clone(), metrics.clone()))
+            .merge(crate::admin::dead_letter_routes(
+                orderflow_messaging::DeadLetters::new(&nats),
+            ))
             .layer(axum::middleware::from_fn(request_context));
         let addr = listener
             .local_addr()
@@ -286,6 +289,9 @@ impl ServiceHost {
                 topology_ready.store(true, Ordering::Relaxed);
                 let relay = OutboxRelay::new(&db, &nats, &outbox, relay_config);
                 relay_tasks.spawn(relay.run(relay_stop.clone()).instrument(span.clone()));
+                if let Some(watcher) = orderflow_messaging::AdvisoryWatcher::new(&nats, &topology) {
+                    workers.spawn(watcher.run(stop.clone()).instrument(span.clone()));
+                }
                 for (task_name, task) in deferred {
                     tracing::debug!(task = %task_name, "starting");
                     workers.spawn(task(stop.clone()).instrument(span.clone()));

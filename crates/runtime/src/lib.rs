@@ -6,11 +6,13 @@
 //! - [`telemetry`]: structured logs (JSON, or pretty on a terminal) and the Prometheus recorder;
 //! - [`http`]: the probe routes (`/livez`, `/readyz`, `/health`, `/metrics`), HTTP metrics,
 //!   request correlation, and RFC 9457 problem responses;
+//! - [`admin`]: the operator endpoints (dead letters) every service serves;
 //! - [`host`]: the service host — the composition root's shared half. It connects the
 //!   database and NATS, migrates, reconciles the topology, runs the outbox relay, the consumer
 //!   runners and the HTTP server on one task tracker, and shuts them down in order on SIGTERM or
 //!   SIGINT: stop intake, settle in-flight messages, flush the outbox, drain NATS.
 
+pub mod admin;
 pub mod config;
 pub mod host;
 pub mod http;
