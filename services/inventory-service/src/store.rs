@@ -70,7 +70,8 @@ fn product(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
     })
 }
 
-/// Seeds the demo catalog when the catalog is empty. Returns whether it did.
+/// Seeds the demo catalog when the catalog is empty. Returns whether it did. Replicas starting
+/// together may both see an empty catalog: the inserts skip rows another one wrote.
 pub async fn seed_demo_catalog(db: &Db) -> Result<bool, StoreError> {
     let mut tx = db.begin().await?;
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM products")
@@ -80,14 +81,8 @@ pub async fn seed_demo_catalog(db: &Db) -> Result<bool, StoreError> {
         return Ok(false);
     }
     for (id, name, price, stock) in DEMO_CATALOG {
-        insert_product(
-            &mut tx,
-            id,
-            name,
-            Money::new(*price, Currency::EUR).unwrap_or(Money::zero(Currency::EUR)),
-            *stock,
-        )
-        .await?;
+        let price = Money::new(*price, Currency::EUR).unwrap_or(Money::zero(Currency::EUR));
+        insert_product(&mut tx, id, name, price, *stock, true).await?;
     }
     tx.commit().await?;
     Ok(true)
@@ -99,11 +94,18 @@ async fn insert_product(
     name: &str,
     price: Money,
     stock: i64,
+    skip_existing: bool,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO products (product_id, name, unit_price_minor, currency, available, reserved, \
-         committed, initial, restocked, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6)",
-    )
+    const INSERT: &str = "INSERT INTO products (product_id, name, unit_price_minor, currency, available, \
+         reserved, committed, initial, restocked, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6)";
+    const INSERT_OR_SKIP: &str = "INSERT INTO products (product_id, name, unit_price_minor, currency, available, \
+         reserved, committed, initial, restocked, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6) \
+         ON CONFLICT (product_id) DO NOTHING";
+    sqlx::query(if skip_existing {
+        INSERT_OR_SKIP
+    } else {
+        INSERT
+    })
     .bind(id)
     .bind(name)
     .bind(price.amount_minor)
@@ -160,7 +162,7 @@ pub async fn upsert_product(
     .rows_affected();
     let created = updated == 0;
     if created {
-        insert_product(&mut tx, id.as_str(), name, price, initial_stock).await?;
+        insert_product(&mut tx, id.as_str(), name, price, initial_stock, false).await?;
     }
     tx.commit().await?;
     let product = get_product(db, id)

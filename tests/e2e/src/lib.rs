@@ -267,32 +267,36 @@ impl System {
         self.procs[&service].len()
     }
 
-    /// Waits until `/readyz` of one replica answers 200.
+    /// Waits until `/readyz` of one replica answers 200; fails at once, with the process's
+    /// log, if it exits instead.
     pub async fn wait_ready(&mut self, service: Service, replica: usize) {
         let url = format!("{}/readyz", self.replica_url(service, replica));
-        let http = self.http.clone();
-        let waited = tokio::time::timeout(
-            SETTLE,
-            eventually(SETTLE, &format!("{} ready", service.binary()), || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    let r = http.get(&url).send().await.map_err(|e| e.to_string())?;
-                    if r.status().is_success() {
-                        Ok(())
-                    } else {
-                        Err(r.text().await.unwrap_or_default())
-                    }
-                }
-            }),
-        )
-        .await;
-        if waited.is_err() {
-            panic!(
-                "{} not ready; log:\n{}",
-                service.binary(),
-                self.log_tail(service, replica)
-            );
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        let mut last = String::new();
+        while tokio::time::Instant::now() < deadline {
+            let child = self.procs.get_mut(&service).unwrap()[replica]
+                .child
+                .as_mut()
+                .unwrap();
+            if let Some(status) = child.try_exit_status() {
+                panic!(
+                    "{} exited ({status}) before it was ready; log:\n{}",
+                    service.binary(),
+                    child.log_tail(60)
+                );
+            }
+            match self.http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) => last = r.text().await.unwrap_or_default(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(orderflow_testkit::POLL_INTERVAL).await;
         }
+        panic!(
+            "{} not ready within {SETTLE:?} ({last}); log:\n{}",
+            service.binary(),
+            self.log_tail(service, replica)
+        );
     }
 
     /// The tail of one replica's log.
