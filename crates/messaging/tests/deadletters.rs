@@ -1,5 +1,10 @@
 //! Dead-letter operations and the max-deliveries advisory capture, against a real nats-server.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    missing_docs
+)]
 
 mod common;
 
