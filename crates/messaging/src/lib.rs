@@ -24,9 +24,11 @@
 //! - [`deadletter`]: the dead-letter record;
 //! - [`metrics`]: metric names.
 
+pub mod asyncapi;
 pub mod deadletter;
 mod error;
 pub mod inbox;
+pub mod loadtest;
 pub mod metrics;
 pub mod nats;
 pub mod outbox;
