@@ -12,8 +12,9 @@ tools: ## Install the pinned nats-server into .tools/nats
 test: ## Run every check and test: fmt, clippy, build, tests on real NATS and PostgreSQL
 	scripts/test.sh
 
-up: ## Run the whole system locally
-	cargo run --release -p orderflow -- up
+up: ## Run the whole system locally until Ctrl-C (flags: make up ARGS='--store postgres --cluster')
+	cargo build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/orderflow" up $(ARGS)
 
 fmt: ## Format the code
 	cargo fmt --all

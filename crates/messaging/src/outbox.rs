@@ -339,6 +339,9 @@ where
 }
 
 async fn mark_sent(tx: &mut Tx, ids: &[i64]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(()); // `IN ()` is not valid SQL on PostgreSQL
+    }
     let sql = format!(
         "UPDATE outbox SET sent_at = $1 WHERE id IN ({})",
         placeholders(2, ids.len())

@@ -46,6 +46,15 @@ async fn stage_events(env: &Env, n: usize) -> Vec<String> {
     ids
 }
 
+/// A pass over an empty outbox succeeds and publishes nothing (PostgreSQL once rejected it).
+async fn an_empty_outbox_is_a_quiet_pass(db: TestDb) {
+    let env = Env::start(db).await;
+    let relay = OutboxRelay::new(&env.db, &env.nats, &env.outbox, RelayConfig::default());
+    assert_eq!(relay.publish_pending().await.unwrap(), 0);
+    assert_eq!(relay.publish_batch().await.unwrap(), Vec::<i64>::new());
+    relay.mark_sent(&[]).await.unwrap();
+}
+
 /// Nothing is published for a transaction that rolls back.
 async fn rolled_back_events_are_never_published(db: TestDb) {
     let env = Env::start(db).await;
@@ -165,6 +174,7 @@ async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
 }
 
 on_every_backend!(
+    an_empty_outbox_is_a_quiet_pass,
     rolled_back_events_are_never_published,
     relay_crash_between_publish_and_mark_loses_nothing,
     concurrent_writers_keep_per_writer_order,

@@ -325,6 +325,11 @@ impl NatsServer {
         text
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running (it was started and has not exited).
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

@@ -61,6 +61,10 @@ pub struct Options {
     /// Processes of each service (order, inventory, payment) sharing one database; more than
     /// one only on PostgreSQL.
     pub replicas: usize,
+    /// `RUST_LOG` of every process.
+    pub log_level: &'static str,
+    /// More environment variables for every service (tuning flags).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -72,6 +76,8 @@ impl Default for Options {
             breaker_failure_threshold: 3,
             ack_wait: "5s",
             replicas: 1,
+            log_level: "info",
+            extra_env: Vec::new(),
         }
     }
 }
@@ -131,10 +137,22 @@ impl System {
             TestDb::Sqlite(_) => (TestDb::sqlite(), TestDb::sqlite()),
             TestDb::Postgres(_) => (TestDb::postgres().await, TestDb::postgres().await),
         };
-        let payments_db = db;
+        let urls = [
+            orders_db.url().to_owned(),
+            inventory_db.url().to_owned(),
+            db.url().to_owned(),
+        ];
+        let mut system = Self::start_on(backend, &urls, options).await;
+        system.dbs = vec![orders_db, inventory_db, db];
+        system
+    }
+
+    /// Starts everything on given database URLs: `[orders, inventory, payments]`.
+    pub async fn start_on(backend: &'static str, urls: &[String; 3], options: Options) -> Self {
+        let [orders_db, inventory_db, payments_db] = urls;
         let nats = NatsServer::start().await;
         let mut procs = HashMap::new();
-        let common = |port: u16, db: Option<&TestDb>| {
+        let common = |port: u16, db: Option<&String>| {
             let mut env = vec![
                 (
                     "ORDERFLOW_HTTP_ADDR".to_owned(),
@@ -144,10 +162,11 @@ impl System {
                 ("ORDERFLOW_LOG_FORMAT".to_owned(), "json".to_owned()),
                 ("ORDERFLOW_ACK_WAIT".to_owned(), options.ack_wait.to_owned()),
                 ("ORDERFLOW_SHUTDOWN_TIMEOUT".to_owned(), "5s".to_owned()),
-                ("RUST_LOG".to_owned(), "info".to_owned()),
+                ("RUST_LOG".to_owned(), options.log_level.to_owned()),
             ];
+            env.extend(options.extra_env.iter().cloned());
             if let Some(db) = db {
-                env.push(("ORDERFLOW_DATABASE_URL".to_owned(), db.url().to_owned()));
+                env.push(("ORDERFLOW_DATABASE_URL".to_owned(), db.clone()));
             }
             env
         };
@@ -165,12 +184,12 @@ impl System {
         procs.insert(
             Service::Inventory,
             vec![proc(
-                common(inventory_port, Some(&inventory_db)),
+                common(inventory_port, Some(inventory_db)),
                 inventory_port,
             )],
         );
         let payment_port = free_port();
-        let mut payment_env = common(payment_port, Some(&payments_db));
+        let mut payment_env = common(payment_port, Some(payments_db));
         payment_env.extend(
             [
                 (
@@ -195,7 +214,7 @@ impl System {
         );
         procs.insert(Service::Payment, vec![proc(payment_env, payment_port)]);
         let order_port = free_port();
-        let mut order_env = common(order_port, Some(&orders_db));
+        let mut order_env = common(order_port, Some(orders_db));
         order_env.extend(
             [
                 ("ORDERFLOW_SAGA_DEADLINE", options.saga_deadline.to_owned()),
@@ -219,7 +238,7 @@ impl System {
         let mut system = Self {
             nats,
             procs,
-            dbs: vec![orders_db, inventory_db, payments_db],
+            dbs: Vec::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -486,6 +505,32 @@ impl System {
                 m.subject.to_string(),
                 serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
             ));
+        }
+        out
+    }
+
+    /// The process ids of every running process, with their names (NATS first).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        if let Some(pid) = self.nats.pid() {
+            out.push(("nats-server".to_owned(), pid));
+        }
+        for s in [
+            Service::Order,
+            Service::Inventory,
+            Service::Payment,
+            Service::Provider,
+        ] {
+            for (i, p) in self.procs[&s].iter().enumerate() {
+                if let Some(child) = &p.child {
+                    let name = if i == 0 {
+                        s.binary().to_owned()
+                    } else {
+                        format!("{}-{i}", s.binary())
+                    };
+                    out.push((name, child.id()));
+                }
+            }
         }
         out
     }

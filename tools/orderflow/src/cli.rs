@@ -47,7 +47,7 @@ pub enum Command {
     ///
     /// 5. Waits until every process answers GET /readyz with 200, then prints where everything
     ///    runs and a curl command that places an order. Each process's output is shown as
-    ///    "<name> | <line>" (coloured on a terminal, unless NO_COLOR is set).
+    ///    "order-service | ..." (coloured on a terminal, unless NO_COLOR is set).
     ///
     /// 6. Ctrl-C or SIGTERM stops everything in order: the services (SIGTERM, SIGKILL after
     ///    20 s; a second Ctrl-C kills them at once), the simulator, NATS, PostgreSQL. A
@@ -59,7 +59,11 @@ pub enum Command {
     /// kept between runs; --clean deletes it first.
     ///
     /// The binaries must be built first: cargo build --release --bins (`make up` does both).
-    #[command(verbatim_doc_comment)]
+    #[command(
+        verbatim_doc_comment,
+        about = "Run the whole system locally (NATS, the services, the payment-provider \
+                 simulator) with prefixed logs, until Ctrl-C"
+    )]
     Up(UpArgs),
 }
 
@@ -97,7 +101,7 @@ pub struct UpArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub ready_timeout: u64,
 
-    /// Delete the data dir first (a fresh system: no orders, no streams, initial stock).
+    /// Delete the data dir first: start from a fresh system (no orders, no streams).
     #[arg(long)]
     pub clean: bool,
 }
@@ -137,7 +141,10 @@ mod tests {
         let Command::Up(args) = cli.command;
         assert_eq!(args.replicas, 1);
         assert_eq!(args.data_dir, PathBuf::from(".data"));
-        assert_eq!((args.nats_port, args.pg_port, args.ready_timeout), (4222, 5433, 60));
+        assert_eq!(
+            (args.nats_port, args.pg_port, args.ready_timeout),
+            (4222, 5433, 60)
+        );
         assert!(!args.cluster && !args.clean);
     }
 

@@ -69,18 +69,18 @@ impl Console {
 
     /// Prints `text` as it is, without prefixes (the summary and the curl commands, which
     /// should copy and paste cleanly).
-    pub fn plain(&self, text: impl Display) {
+    pub fn plain(text: impl Display) {
         let _ = writeln!(std::io::stdout().lock(), "{text}");
     }
 
     /// Prints the last lines of a process's log under a header naming it.
-    pub fn log_tail(&self, name: &str, tail: &str) {
+    pub fn log_tail(name: &str, tail: &str) {
         let tail = if tail.trim().is_empty() {
             "<no output>"
         } else {
             tail
         };
-        self.plain(format!(
+        Self::plain(format!(
             "----- last lines of {name} -----\n{tail}\n----- end of {name} -----"
         ));
     }
@@ -93,14 +93,24 @@ mod tests {
     #[test]
     fn prefixes_are_padded_to_the_longest_name() {
         let console = Console::with_color(["order-service", "payment-provider-sim"], false);
-        assert_eq!(console.prefix("order-service", 0), "order-service        | ");
-        assert_eq!(console.prefix("payment-provider-sim", 1), "payment-provider-sim | ");
+        assert_eq!(
+            console.prefix("order-service", 0),
+            "order-service        | "
+        );
+        assert_eq!(
+            console.prefix("payment-provider-sim", 1),
+            "payment-provider-sim | "
+        );
     }
 
     #[test]
     fn colour_wraps_the_name_and_bar() {
         let console = Console::with_color(["ab"], true);
         assert_eq!(console.prefix("ab", 0), "\x1b[36mab        |\x1b[0m ");
-        assert_eq!(console.prefix("ab", 9), console.prefix("ab", 0), "the palette cycles");
+        assert_eq!(
+            console.prefix("ab", 9),
+            console.prefix("ab", 0),
+            "the palette cycles"
+        );
     }
 }

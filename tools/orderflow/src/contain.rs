@@ -31,7 +31,7 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Runs `f` on this thread; a panic becomes an error "`what`: <panic message>".
+/// Runs `f` on this thread; a panic becomes the error "`what`: `panic message`".
 ///
 /// `f` must not be left half-done in a way that matters: a testkit handle whose call panicked
 /// is dropped (which stops its process) by the caller.
@@ -39,7 +39,8 @@ pub fn catch<T>(what: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
     let was_catching = CATCHING.with(|c| c.replace(true));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     CATCHING.with(|c| c.set(was_catching));
-    result.map_err(|payload| anyhow!("{}", panic_message(payload.as_ref())).context(what.to_owned()))
+    result
+        .map_err(|payload| anyhow!("{}", panic_message(payload.as_ref())).context(what.to_owned()))
 }
 
 /// Runs the blocking `f` on tokio's blocking pool under [`catch`].
@@ -87,7 +88,10 @@ mod tests {
     fn a_panic_becomes_an_error_with_its_message() {
         install_panic_hook();
         let error = catch("starting the thing", || panic!("port {} is taken", 4222)).unwrap_err();
-        assert_eq!(format!("{error:#}"), "starting the thing: port 4222 is taken");
+        assert_eq!(
+            format!("{error:#}"),
+            "starting the thing: port 4222 is taken"
+        );
         assert_eq!(catch("adding", || 1 + 1).unwrap(), 2);
         assert!(!CATCHING.with(Cell::get), "the flag is reset");
     }

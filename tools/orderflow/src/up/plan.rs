@@ -1,0 +1,523 @@
+//! What `orderflow up` will run, worked out from the flags before anything starts: the NATS
+//! ports, the PostgreSQL port and data dir, every process with its port and environment.
+//!
+//! This is pure (no IO), so the rules — which flag combinations are refused, which port
+//! everything gets, which URL a service is given — are unit-tested here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::cli::{Store, UpArgs};
+
+/// The payment-provider simulator's binary.
+pub const SIMULATOR: &str = "payment-provider-sim";
+/// The inventory service's binary.
+pub const INVENTORY: &str = "inventory-service";
+/// The payment service's binary.
+pub const PAYMENT: &str = "payment-service";
+/// The order service's binary.
+pub const ORDER: &str = "order-service";
+/// Every binary `up` runs.
+pub const BINARIES: [&str; 4] = [SIMULATOR, INVENTORY, PAYMENT, ORDER];
+
+/// The simulator's HTTP port.
+const SIMULATOR_PORT: u16 = 8090;
+/// The services in start order (consumers before the service taking orders), each with its
+/// HTTP port and database name.
+const SERVICES: [(&str, u16, &str); 3] = [
+    (INVENTORY, 8081, "inventory"),
+    (PAYMENT, 8082, "payments"),
+    (ORDER, 8080, "orders"),
+];
+/// Extra replicas of a service listen this many ports above the previous one.
+const REPLICA_PORT_STEP: u16 = 10;
+/// Nodes of a `--cluster`.
+pub const CLUSTER_SIZE: u16 = 3;
+/// Cluster route ports are this far above the client ports (4222 → 6222).
+const ROUTE_PORT_OFFSET: u16 = 2000;
+/// Monitoring ports are this far above the client ports (4222 → 8222).
+const MONITOR_PORT_OFFSET: u16 = 4000;
+/// The PostgreSQL user of the local server (trust authentication).
+const PG_USER: &str = "postgres";
+
+// The services' settings (flags with environment variables of the same name).
+/// NATS URL(s), comma separated.
+const ENV_NATS_URL: &str = "ORDERFLOW_NATS_URL";
+/// HTTP listen address.
+const ENV_HTTP_ADDR: &str = "ORDERFLOW_HTTP_ADDR";
+/// Database URL.
+const ENV_DATABASE_URL: &str = "ORDERFLOW_DATABASE_URL";
+/// Log format (`pretty` here: a person reads it).
+const ENV_LOG_FORMAT: &str = "ORDERFLOW_LOG_FORMAT";
+/// Replicas of every JetStream stream.
+const ENV_STREAM_REPLICAS: &str = "ORDERFLOW_STREAM_REPLICAS";
+/// The payment provider's base URL (payment-service only).
+const ENV_PROVIDER_URL: &str = "ORDERFLOW_PROVIDER_URL";
+/// The log format the processes are started with.
+const LOG_FORMAT: &str = "pretty";
+
+/// Everything `orderflow up` will run, and where.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The directory relative paths are resolved against and the processes run in.
+    pub base_dir: PathBuf,
+    /// The data dir, absolute.
+    pub data_dir: PathBuf,
+    /// Delete the data dir before starting.
+    pub clean: bool,
+    /// The storage backend.
+    pub store: Store,
+    /// The NATS server(s).
+    pub nats: NatsPlan,
+    /// The PostgreSQL server, with `--store postgres`.
+    pub postgres: Option<PostgresPlan>,
+    /// Every process, in start order (the simulator first).
+    pub processes: Vec<ProcessPlan>,
+    /// How long the processes may take to become ready.
+    pub ready_timeout: Duration,
+}
+
+/// The NATS server, or the nodes of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsPlan {
+    /// Three nodes instead of one.
+    pub cluster: bool,
+    /// The client port of the (first) node.
+    pub client_port: u16,
+    /// The cluster route port of the first node (only used with `cluster`).
+    pub route_port: u16,
+    /// The monitoring port of the (first) node.
+    pub monitor_port: u16,
+}
+
+impl NatsPlan {
+    /// How many servers run.
+    pub fn nodes(&self) -> u16 {
+        if self.cluster { CLUSTER_SIZE } else { 1 }
+    }
+
+    /// The client URL of every node, comma separated (how the services take it).
+    pub fn url(&self) -> String {
+        (0..self.nodes())
+            .map(|i| format!("nats://127.0.0.1:{}", self.client_port + i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The stream replicas the services create: one per node.
+    pub fn stream_replicas(&self) -> u16 {
+        self.nodes()
+    }
+
+    /// Every port, named, for the conflict checks.
+    fn ports(&self) -> Vec<(u16, String)> {
+        let mut ports = Vec::new();
+        for i in 0..self.nodes() {
+            ports.push((self.client_port + i, format!("NATS node {i} (clients)")));
+            ports.push((self.monitor_port + i, format!("NATS node {i} (monitoring)")));
+            if self.cluster {
+                ports.push((self.route_port + i, format!("NATS node {i} (routes)")));
+            }
+        }
+        ports
+    }
+}
+
+/// The local PostgreSQL server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresPlan {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its data dir (absolute).
+    pub data_dir: PathBuf,
+    /// The databases to create when missing, one per service.
+    pub databases: Vec<&'static str>,
+}
+
+/// One process to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessPlan {
+    /// Its name in the logs (`order-service`, or `order-service-2` with replicas).
+    pub name: String,
+    /// The binary's file name.
+    pub binary: &'static str,
+    /// Its HTTP port on 127.0.0.1 (where `/readyz` is).
+    pub port: u16,
+    /// The environment it is given.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl ProcessPlan {
+    /// The value of `key` in its environment.
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The database URL it is given (none for the simulator).
+    pub fn database_url(&self) -> Option<&str> {
+        self.env(ENV_DATABASE_URL)
+    }
+}
+
+impl Plan {
+    /// Works out the plan for `args`, resolving relative paths against `base_dir`; refuses
+    /// combinations that cannot work, with a message saying what to change.
+    pub fn new(args: &UpArgs, base_dir: &Path) -> anyhow::Result<Self> {
+        if args.replicas > 1 && args.store == Store::Sqlite {
+            bail!(
+                "--replicas {} needs --store postgres: the replicas of a service share its \
+                 database, and a SQLite file is for one process only",
+                args.replicas
+            );
+        }
+        let data_dir = normalize(&base_dir.join(&args.data_dir));
+        if args.clean {
+            check_deletable(&data_dir, base_dir)?;
+        }
+        let nats = nats_plan(args)?;
+        let postgres = (args.store == Store::Postgres).then(|| PostgresPlan {
+            port: args.pg_port,
+            data_dir: data_dir.join("postgres"),
+            databases: SERVICES.iter().map(|&(_, _, db)| db).collect(),
+        });
+
+        // Ports: NATS, PostgreSQL and the simulator first; the services' replicas then skip
+        // any port already taken.
+        let mut ports = nats.ports();
+        if let Some(pg) = &postgres {
+            ports.push((pg.port, "PostgreSQL".to_owned()));
+        }
+        ports.push((SIMULATOR_PORT, SIMULATOR.to_owned()));
+        let mut taken: BTreeSet<u16> = ports.iter().map(|&(port, _)| port).collect();
+
+        let provider_url = format!("http://127.0.0.1:{SIMULATOR_PORT}");
+        let mut processes = vec![ProcessPlan {
+            name: SIMULATOR.to_owned(),
+            binary: SIMULATOR,
+            port: SIMULATOR_PORT,
+            env: vec![
+                (ENV_HTTP_ADDR, http_addr(SIMULATOR_PORT)),
+                (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
+            ],
+        }];
+        for (binary, base_port, database) in SERVICES {
+            let database_url = match &postgres {
+                Some(pg) => format!("postgres://{PG_USER}@127.0.0.1:{}/{database}", pg.port),
+                None => sqlite_url(&args.data_dir, database),
+            };
+            for replica in 1..=args.replicas {
+                let port = next_free_port(base_port, &mut taken)
+                    .with_context(|| format!("no free port for {binary} replica {replica}"))?;
+                let name = if args.replicas == 1 {
+                    binary.to_owned()
+                } else {
+                    format!("{binary}-{replica}")
+                };
+                ports.push((port, name.clone()));
+                let mut env = vec![
+                    (ENV_NATS_URL, nats.url()),
+                    (ENV_HTTP_ADDR, http_addr(port)),
+                    (ENV_DATABASE_URL, database_url.clone()),
+                    (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
+                    (ENV_STREAM_REPLICAS, nats.stream_replicas().to_string()),
+                ];
+                if binary == PAYMENT {
+                    env.push((ENV_PROVIDER_URL, provider_url.clone()));
+                }
+                processes.push(ProcessPlan {
+                    name,
+                    binary,
+                    port,
+                    env,
+                });
+            }
+        }
+        check_distinct(&ports)?;
+
+        Ok(Self {
+            base_dir: base_dir.to_path_buf(),
+            data_dir,
+            clean: args.clean,
+            store: args.store,
+            nats,
+            postgres,
+            processes,
+            ready_timeout: Duration::from_secs(args.ready_timeout),
+        })
+    }
+
+    /// Every port this plan listens on, named, for the check that they are free.
+    pub fn ports(&self) -> Vec<(u16, String)> {
+        let mut ports = self.nats.ports();
+        if let Some(pg) = &self.postgres {
+            ports.push((pg.port, "PostgreSQL".to_owned()));
+        }
+        ports.extend(self.processes.iter().map(|p| (p.port, p.name.clone())));
+        ports
+    }
+}
+
+/// The NATS ports for `--nats-port` (and `--cluster`), refusing ports past 65535.
+fn nats_plan(args: &UpArgs) -> anyhow::Result<NatsPlan> {
+    let nodes = if args.cluster { CLUSTER_SIZE } else { 1 };
+    let highest = u32::from(args.nats_port) + u32::from(MONITOR_PORT_OFFSET) + u32::from(nodes) - 1;
+    if highest > u32::from(u16::MAX) {
+        bail!(
+            "--nats-port {} is too high: the monitoring port{} would be above 65535",
+            args.nats_port,
+            if args.cluster { "s" } else { "" }
+        );
+    }
+    Ok(NatsPlan {
+        cluster: args.cluster,
+        client_port: args.nats_port,
+        route_port: args.nats_port + ROUTE_PORT_OFFSET,
+        monitor_port: args.nats_port + MONITOR_PORT_OFFSET,
+    })
+}
+
+/// `base`, `base + 10`, `base + 20`, ...: the first one not in `taken`, which it joins.
+fn next_free_port(base: u16, taken: &mut BTreeSet<u16>) -> Option<u16> {
+    let port = (0..)
+        .map_while(|k: u16| k.checked_mul(REPLICA_PORT_STEP)?.checked_add(base))
+        .find(|port| !taken.contains(port))?;
+    taken.insert(port);
+    Some(port)
+}
+
+/// Refuses two uses of one port (e.g. `--pg-port 8080`).
+fn check_distinct(ports: &[(u16, String)]) -> anyhow::Result<()> {
+    let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
+    for (port, what) in ports {
+        if let Some(first) = seen.insert(*port, what) {
+            bail!(
+                "port {port} would be used twice, by {first} and by {what}: choose another \
+                 --nats-port or --pg-port"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `127.0.0.1:<port>`.
+fn http_addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// `sqlite://<data dir>/<database>.db?mode=rwc`, the data dir as given: the processes run in
+/// the base dir, so a relative path means the same to them as to `up`.
+fn sqlite_url(data_dir: &Path, database: &str) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join(format!("{database}.db")).display()
+    )
+}
+
+/// `path` with `.` and `..` resolved lexically (no file system access; `path` is absolute).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `--clean` deletes the data dir: refuse when that would delete the repository (or more).
+fn check_deletable(data_dir: &Path, base_dir: &Path) -> anyhow::Result<()> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if base_dir.starts_with(data_dir) || home.is_some_and(|home| normalize(&home) == data_dir) {
+        bail!(
+            "--clean would delete {}, which holds {} : pick a --data-dir of its own",
+            data_dir.display(),
+            base_dir.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    const ROOT: &str = "/repo";
+
+    fn plan(flags: &[&str]) -> anyhow::Result<Plan> {
+        let cli = Cli::try_parse_from(["orderflow", "up"].iter().chain(flags)).unwrap();
+        let Command::Up(mut args) = cli.command;
+        // Independent of an ORDERFLOW_STORE in the environment running the tests.
+        if !flags.contains(&"--store") {
+            args.store = Store::Sqlite;
+        }
+        Plan::new(&args, Path::new(ROOT))
+    }
+
+    fn process<'a>(plan: &'a Plan, name: &str) -> &'a ProcessPlan {
+        plan.processes.iter().find(|p| p.name == name).unwrap()
+    }
+
+    #[test]
+    fn replicas_with_sqlite_are_refused() {
+        let error = plan(&["--replicas", "2"]).unwrap_err().to_string();
+        assert!(
+            error.contains("--replicas 2 needs --store postgres"),
+            "{error}"
+        );
+        assert!(plan(&["--replicas", "2", "--store", "postgres"]).is_ok());
+        assert!(plan(&["--replicas", "1"]).is_ok());
+    }
+
+    #[test]
+    fn default_plan_runs_one_of_each_on_sqlite() {
+        let plan = plan(&[]).unwrap();
+        let names: Vec<&str> = plan.processes.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, [SIMULATOR, INVENTORY, PAYMENT, ORDER]);
+        assert_eq!(plan.data_dir, Path::new("/repo/.data"));
+        assert!(plan.postgres.is_none());
+        assert_eq!(plan.ready_timeout, Duration::from_mins(1));
+
+        let order = process(&plan, ORDER);
+        assert_eq!(order.port, 8080);
+        assert_eq!(order.env(ENV_NATS_URL), Some("nats://127.0.0.1:4222"));
+        assert_eq!(order.env(ENV_HTTP_ADDR), Some("127.0.0.1:8080"));
+        assert_eq!(
+            order.env(ENV_DATABASE_URL),
+            Some("sqlite://.data/orders.db?mode=rwc")
+        );
+        assert_eq!(order.env(ENV_LOG_FORMAT), Some("pretty"));
+        assert_eq!(order.env(ENV_STREAM_REPLICAS), Some("1"));
+        assert_eq!(order.env(ENV_PROVIDER_URL), None);
+
+        let payment = process(&plan, PAYMENT);
+        assert_eq!(payment.port, 8082);
+        assert_eq!(
+            payment.env(ENV_DATABASE_URL),
+            Some("sqlite://.data/payments.db?mode=rwc")
+        );
+        assert_eq!(payment.env(ENV_PROVIDER_URL), Some("http://127.0.0.1:8090"));
+        let inventory = process(&plan, INVENTORY);
+        assert_eq!(
+            (inventory.port, inventory.env(ENV_DATABASE_URL)),
+            (8081, Some("sqlite://.data/inventory.db?mode=rwc"))
+        );
+
+        let simulator = process(&plan, SIMULATOR);
+        assert_eq!(simulator.port, 8090);
+        assert_eq!(
+            simulator.env,
+            [
+                (ENV_HTTP_ADDR, "127.0.0.1:8090".to_owned()),
+                (ENV_LOG_FORMAT, "pretty".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_gives_three_urls_and_three_stream_replicas() {
+        let plan = plan(&["--cluster", "--nats-port", "5222"]).unwrap();
+        assert_eq!(plan.nats.nodes(), 3);
+        assert_eq!(
+            (
+                plan.nats.client_port,
+                plan.nats.route_port,
+                plan.nats.monitor_port
+            ),
+            (5222, 7222, 9222)
+        );
+        let order = process(&plan, ORDER);
+        assert_eq!(
+            order.env(ENV_NATS_URL),
+            Some("nats://127.0.0.1:5222,nats://127.0.0.1:5223,nats://127.0.0.1:5224")
+        );
+        assert_eq!(order.env(ENV_STREAM_REPLICAS), Some("3"));
+    }
+
+    #[test]
+    fn postgres_gives_one_database_per_service() {
+        let plan = plan(&["--store", "postgres", "--pg-port", "6543"]).unwrap();
+        let pg = plan.postgres.as_ref().unwrap();
+        assert_eq!(pg.port, 6543);
+        assert_eq!(pg.data_dir, Path::new("/repo/.data/postgres"));
+        assert_eq!(pg.databases, ["inventory", "payments", "orders"]);
+        assert_eq!(
+            process(&plan, ORDER).env(ENV_DATABASE_URL),
+            Some("postgres://postgres@127.0.0.1:6543/orders")
+        );
+    }
+
+    #[test]
+    fn replicas_get_ports_ten_apart_around_the_simulator() {
+        let plan = plan(&["--store", "postgres", "--replicas", "3"]).unwrap();
+        let ports: Vec<(&str, u16)> = plan
+            .processes
+            .iter()
+            .map(|p| (p.name.as_str(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (SIMULATOR, 8090),
+                ("inventory-service-1", 8081),
+                ("inventory-service-2", 8091),
+                ("inventory-service-3", 8101),
+                ("payment-service-1", 8082),
+                ("payment-service-2", 8092),
+                ("payment-service-3", 8102),
+                ("order-service-1", 8080),
+                // 8090 is the simulator's.
+                ("order-service-2", 8100),
+                ("order-service-3", 8110),
+            ]
+        );
+    }
+
+    #[test]
+    fn port_conflicts_are_refused() {
+        let error = plan(&["--store", "postgres", "--pg-port", "4222"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("port 4222 would be used twice"), "{error}");
+        let error = plan(&["--nats-port", "65000"]).unwrap_err().to_string();
+        assert!(error.contains("too high"), "{error}");
+        // The last monitoring port of a cluster is P+4002: 61533 is the highest valid P.
+        assert!(plan(&["--cluster", "--nats-port", "61533"]).is_ok());
+        assert!(plan(&["--cluster", "--nats-port", "61534"]).is_err());
+    }
+
+    #[test]
+    fn relative_and_absolute_data_dirs() {
+        let plan_abs = plan(&["--data-dir", "/var/tmp/of"]).unwrap();
+        assert_eq!(plan_abs.data_dir, Path::new("/var/tmp/of"));
+        assert_eq!(
+            process(&plan_abs, ORDER).env(ENV_DATABASE_URL),
+            Some("sqlite:///var/tmp/of/orders.db?mode=rwc")
+        );
+        let plan_rel = plan(&["--data-dir", "./tmp/../state"]).unwrap();
+        assert_eq!(plan_rel.data_dir, Path::new("/repo/state"));
+    }
+
+    #[test]
+    fn clean_refuses_to_delete_the_repository() {
+        for dir in [".", "..", "/", "sub/../.."] {
+            let error = plan(&["--clean", "--data-dir", dir])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--clean would delete"), "{dir}: {error}");
+        }
+        assert!(plan(&["--clean"]).unwrap().clean);
+    }
+}
