@@ -8,7 +8,12 @@
 //! Services can be killed (`SIGKILL`) and restarted with the same settings and database, to
 //! prove that nothing is lost or doubled across crashes.
 // Test support: failing loudly with a clear message is the contract.
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::missing_panics_doc)]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    clippy::too_many_lines
+)]
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,7 +23,7 @@ use orderflow_testkit::{ChildProcess, NatsServer, TestDb, eventually, free_port}
 use serde_json::{Value, json};
 
 /// How long tests wait for the system to settle.
-pub const SETTLE: Duration = Duration::from_secs(60);
+pub const SETTLE: Duration = Duration::from_mins(1);
 
 /// The processes of the system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

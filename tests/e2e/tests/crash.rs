@@ -1,6 +1,6 @@
 //! Services killed with SIGKILL in the middle of a stream of orders lose nothing and double
 //! nothing.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::too_many_lines, missing_docs)]
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! The order saga end to end, on SQLite and on PostgreSQL.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::too_many_lines, missing_docs)]
 
 use orderflow_e2e::{Options, Service, System};
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
