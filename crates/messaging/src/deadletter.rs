@@ -249,6 +249,17 @@ impl Filter {
             && bound(&self.until).is_none_or(|until| at.is_some_and(|at| at < until))
     }
 
+    /// Whether the filter matches everything.
+    pub fn is_empty(&self) -> bool {
+        self.consumer.is_none()
+            && self.subject.is_none()
+            && self.error.is_none()
+            && self.reason.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+            && self.seqs.is_none()
+    }
+
     /// Checks the time bounds parse, naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
         use time::format_description::well_known::Rfc3339;

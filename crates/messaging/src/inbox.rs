@@ -5,8 +5,10 @@
 //! duplicate window) finds its row, and the runner acks it without calling the handler again.
 //! Rows are pruned after a retention period ([`prune`]) far longer than any redelivery.
 
+use std::collections::HashSet;
+
 use orderflow_contracts::EventId;
-use orderflow_store::{Db, StoreError, Tx, now_micros};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, Tx, now_micros};
 
 /// Records that `consumer` handles `event_id`. Returns `false` when it already had.
 pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bool, StoreError> {
@@ -20,6 +22,35 @@ pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bo
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// Records that `consumer` handles each of `event_ids` in one statement. Returns the ids that
+/// were new (the others had been handled before).
+pub async fn record_many(
+    tx: &mut Tx,
+    consumer: &str,
+    event_ids: &[EventId],
+) -> Result<HashSet<EventId>, StoreError> {
+    if event_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<String> = (0..event_ids.len())
+        .map(|i| format!("($1, ${}, $2)", i + 3))
+        .collect();
+    let sql = format!(
+        "INSERT INTO inbox (consumer, event_id, processed_at) VALUES {} \
+         ON CONFLICT DO NOTHING RETURNING event_id",
+        rows.join(", ")
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+        .bind(consumer)
+        .bind(now_micros());
+    for id in event_ids {
+        query = query.bind(id.to_string());
+    }
+    let inserted = query.fetch_all(&mut **tx).await?;
+    Ok(inserted.iter().filter_map(|s| s.parse().ok()).collect())
 }
 
 /// Whether `consumer` has handled `event_id`.

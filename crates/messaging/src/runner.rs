@@ -10,11 +10,12 @@
 //!    never retried.
 //! 3. [`Handler::prepare`] runs for every message concurrently, outside any transaction: IO that
 //!    must not hold a database lock (calling the payment provider) happens here.
-//! 4. One database transaction for the whole batch (group commit). Per message, inside a
-//!    savepoint: the inbox records `(consumer, event id)` — a message already recorded is a
-//!    duplicate and is acked without effect — then [`Handler::handle`] applies the effects and
-//!    stages the events they cause in the outbox. A failing message rolls back to its savepoint
-//!    and does not disturb the others.
+//! 4. One database transaction for the whole batch (group commit): one multi-row inbox insert
+//!    records `(consumer, event id)` for every message — a message already recorded is a
+//!    duplicate and is acked without effect — then [`Handler::handle`] applies each message's
+//!    effects and stages the events they cause in the outbox. If any message fails, nothing of
+//!    the batch is committed and its messages are applied again one transaction each, so a
+//!    failing message does not take the others down with it.
 //! 5. Commit, then settle: ack, nak with delay, or dead-letter + `Term`. Nothing is acked before
 //!    its transaction committed.
 //!
@@ -30,7 +31,6 @@ use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt, future::join_all};
 use orderflow_contracts::{ContractError, Event, EventId, EventMeta, Inbound};
 use orderflow_store::{Db, StoreError, Tx};
-use sqlx::Executor;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -93,7 +93,8 @@ impl HandlerError {
         Self::Permanent(error.into())
     }
 
-    /// The error and its sources, joined with ": ".
+    /// The error and its sources, joined with ": " (a source whose text the chain already holds
+    /// — many errors print their source themselves — is not repeated).
     pub fn chain(&self) -> String {
         let error: &(dyn std::error::Error + 'static) = match self {
             Self::Transient { error, .. } | Self::Permanent(error) => error.as_ref(),
@@ -101,8 +102,11 @@ impl HandlerError {
         let mut out = error.to_string();
         let mut source = error.source();
         while let Some(s) = source {
-            out.push_str(": ");
-            out.push_str(&s.to_string());
+            let text = s.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
             source = s.source();
         }
         out
@@ -185,7 +189,7 @@ pub trait Handler: Send + Sync + 'static {
     /// The events this consumer accepts.
     type Input: Inbound + Sync + std::fmt::Debug;
     /// What [`Handler::prepare`] hands to [`Handler::handle`].
-    type Prepared: Send;
+    type Prepared: Send + Sync + Clone;
 
     /// IO outside the database transaction, run concurrently for a batch. Most handlers return
     /// `Ok(())`-like values here; the payment handler charges the provider.
@@ -611,8 +615,8 @@ async fn keep_alive<H: Handler, T>(
     }
 }
 
-/// Prepares every message, then applies them in one transaction. Returns one outcome per item
-/// and whether it staged events.
+/// Prepares every message, then applies them — all in one transaction when they all succeed,
+/// else one transaction per message. Returns one outcome per item and whether it staged events.
 async fn run_transaction<H: Handler>(
     shared: &Shared<H>,
     items: &[Item<H::Input>],
@@ -623,46 +627,97 @@ async fn run_transaction<H: Handler>(
     }))
     .await;
 
+    let mut outcomes: Vec<Option<(Outcome, bool)>> = Vec::with_capacity(items.len());
+    let mut ready = Vec::with_capacity(items.len());
+    for (i, p) in prepared.into_iter().enumerate() {
+        match p {
+            Ok(p) => {
+                outcomes.push(None);
+                ready.push((i, p));
+            }
+            // A message whose preparation failed never reaches the database.
+            Err(e) => outcomes.push(Some((Outcome::Failed(e), false))),
+        }
+    }
+    if ready.len() > 1 {
+        match apply_batch(shared, items, &ready).await {
+            Ok(done) => {
+                for (i, outcome) in done {
+                    outcomes[i] = Some(outcome);
+                }
+                return outcomes.into_iter().flatten().collect();
+            }
+            Err(reason) => {
+                tracing::debug!(messages = ready.len(), %reason, "batch rolled back; applying its messages one by one");
+            }
+        }
+    }
+    for (i, p) in ready {
+        outcomes[i] = Some(apply_alone(shared, &items[i], p).await);
+    }
+    outcomes.into_iter().flatten().collect()
+}
+
+/// The happy path: every message in one transaction, one multi-row inbox insert, no
+/// savepoints. Fails — committing nothing — as soon as any message or the database fails;
+/// the caller then applies the messages one by one, so a failing message cannot take the
+/// others down with it.
+async fn apply_batch<H: Handler>(
+    shared: &Shared<H>,
+    items: &[Item<H::Input>],
+    ready: &[(usize, H::Prepared)],
+) -> Result<Vec<(usize, (Outcome, bool))>, String> {
+    let consumer = shared.config.consumer.durable;
+    let mut tx = shared.db.begin().await.map_err(|e| e.to_string())?;
+    let ids: Vec<EventId> = ready
+        .iter()
+        .map(|(i, _)| items[*i].incoming.meta.id)
+        .collect();
+    let mut fresh = inbox::record_many(&mut tx, consumer, &ids)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut done = Vec::with_capacity(ready.len());
+    for (i, prepared) in ready {
+        let item = &items[*i];
+        // `remove`: a second copy of one event inside the batch is a duplicate too.
+        if !fresh.remove(&item.incoming.meta.id) {
+            done.push((*i, (Outcome::Duplicate, false)));
+            continue;
+        }
+        let mut work = Work::new(&mut tx, &shared.outbox, &item.incoming.meta);
+        let span = message_span(consumer, &item.incoming);
+        shared
+            .handler
+            .handle(&mut work, &item.incoming, prepared.clone())
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_string())?;
+        let staged = work.staged() > 0;
+        done.push((*i, (Outcome::Ack, staged)));
+    }
+    tx.commit().await.map_err(|e| e.to_string())?;
+    Ok(done)
+}
+
+/// One message in its own transaction.
+async fn apply_alone<H: Handler>(
+    shared: &Shared<H>,
+    item: &Item<H::Input>,
+    prepared: H::Prepared,
+) -> (Outcome, bool) {
     let mut tx = match shared.db.begin().await {
         Ok(tx) => tx,
-        Err(e) => return fail_all(items.len(), &e),
+        Err(e) => return (Outcome::Failed(e.into()), false),
     };
-    let savepoints = items.len() > 1;
-    let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(items.len());
-    for (item, prepared) in items.iter().zip(prepared) {
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                outcomes.push((Outcome::Failed(e), false));
-                continue;
-            }
-        };
-        if savepoints && let Err(e) = tx.execute("SAVEPOINT msg").await {
-            return fail_all(items.len(), &e);
-        }
-        let result = apply_one(shared, &mut tx, item, prepared).await;
-        let failed = matches!(result, Outcome::Failed(_));
-        if savepoints {
-            let end = if failed {
-                "ROLLBACK TO SAVEPOINT msg"
-            } else {
-                "RELEASE SAVEPOINT msg"
-            };
-            if let Err(e) = tx.execute(end).await {
-                return fail_all(items.len(), &e);
-            }
-        } else if failed {
-            // The only message failed: nothing to commit.
-            drop(tx);
-            return vec![(result, false)];
-        }
-        let staged = matches!(result, Outcome::Ack);
-        outcomes.push((result, staged));
+    let outcome = apply_one(shared, &mut tx, item, prepared).await;
+    if matches!(outcome, Outcome::Failed(_)) {
+        return (outcome, false); // dropping the transaction rolls it back
     }
     if let Err(e) = tx.commit().await {
-        return fail_all(items.len(), &e);
+        return (Outcome::Failed(e.into()), false);
     }
-    outcomes
+    let staged = matches!(outcome, Outcome::Ack);
+    (outcome, staged)
 }
 
 async fn apply_one<H: Handler>(
@@ -688,20 +743,6 @@ async fn apply_one<H: Handler>(
         Ok(()) => Outcome::Ack,
         Err(e) => Outcome::Failed(e),
     }
-}
-
-fn fail_all(n: usize, error: &dyn std::fmt::Display) -> Vec<(Outcome, bool)> {
-    tracing::warn!(error = %error, messages = n, "batch transaction failed; retrying its messages");
-    (0..n)
-        .map(|_| {
-            (
-                Outcome::Failed(HandlerError::transient(format!(
-                    "batch transaction failed: {error}"
-                ))),
-                false,
-            )
-        })
-        .collect()
 }
 
 fn message_span<I>(consumer: &str, incoming: &Incoming<I>) -> tracing::Span {
@@ -861,6 +902,15 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let e = HandlerError::permanent(Outer(std::io::Error::other("inner")));
         assert_eq!(e.chain(), "outer: inner");
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped: {0}")]
+        struct Transparent(#[source] std::io::Error);
         assert_eq!(e.to_string(), "permanent: outer: inner");
+        let t = HandlerError::transient(Transparent(std::io::Error::other("cause")));
+        assert_eq!(
+            t.chain(),
+            "wrapped: cause",
+            "a source already printed is not repeated"
+        );
     }
 }

@@ -363,7 +363,106 @@ async fn slow_handler_is_not_redelivered(db: TestDb) {
     );
 }
 
+/// A batch with one failing message: the others are applied once, the failing one goes its
+/// own way, and two copies of one event inside the batch have one effect.
+async fn one_failing_message_does_not_take_its_batch_down(db: TestDb) {
+    let env = Env::start(db).await;
+    let publisher = Publisher::new(&env.nats);
+    let mut orders = Vec::new();
+    // Published before the runner starts, so its first pull takes them as one batch.
+    for _ in 0..20 {
+        let (meta, event) = order_created(1);
+        publisher.publish_event(&meta, &event).await.unwrap();
+        orders.push(event.order_id.to_string());
+    }
+    let (meta, event) = order_created(1);
+    for copy in 0..2 {
+        let hdrs: Vec<(String, String)> = meta
+            .to_headers()
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_owned(),
+                    if k == headers::NATS_MSG_ID {
+                        format!("{v}-{copy}")
+                    } else {
+                        v
+                    },
+                )
+            })
+            .collect();
+        publisher
+            .publish_raw(
+                subjects::ORDER_CREATED,
+                &hdrs,
+                Bytes::from(orderflow_contracts::encode(&event)),
+            )
+            .await
+            .unwrap();
+    }
+    let doubled = event.order_id.to_string();
+    let bad = orders[7].clone();
+    let handler = ScriptedHandler::new(Script {
+        fail_order: Some(bad.clone()),
+        ..Script::default()
+    });
+    let _runner = env.run_handler(handler.clone());
+    let dls = dead_letters(&env, 1).await;
+    assert_eq!(
+        header(&dls[0], headers::DL_REASON).as_deref(),
+        Some("permanent")
+    );
+    for order in orders.iter().filter(|o| **o != bad) {
+        eventually(WAIT, "every good message handled", || async {
+            if env.hits(order).await == 1 {
+                Ok(())
+            } else {
+                Err(order.clone())
+            }
+        })
+        .await;
+    }
+    eventually(WAIT, "the doubled event handled", || async {
+        if env.hits(&doubled).await == 1 {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    assert_eq!(
+        env.hits(&bad).await,
+        0,
+        "the failing message's effect was rolled back"
+    );
+    eventually(WAIT, "everything settled", || async {
+        let info = env
+            .js
+            .get_stream(streams::ORDERS)
+            .await
+            .map_err(|e| e.to_string())?
+            .consumer_info(consumers::INVENTORY_ORDERS)
+            .await
+            .map_err(|e| e.to_string())?;
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            Ok(())
+        } else {
+            Err(format!("{info:?}"))
+        }
+    })
+    .await;
+    for order in orders.iter().filter(|o| **o != bad) {
+        assert_eq!(env.hits(order).await, 1, "applied exactly once");
+    }
+    assert_eq!(
+        env.hits(&doubled).await,
+        1,
+        "two copies in one batch, one effect"
+    );
+}
+
 on_every_backend!(
+    one_failing_message_does_not_take_its_batch_down,
     poison_is_dead_lettered_at_once,
     transient_failure_is_retried_with_growing_delays,
     always_failing_message_is_dead_lettered_after_max_deliver,

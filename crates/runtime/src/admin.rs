@@ -7,6 +7,10 @@
 //! | `POST /admin/dead-letters/replay` | `{filter fields…, "dry_run": bool, "rate": per second}` |
 //! | `POST /admin/dead-letters/purge` | `{filter fields…, "dry_run": bool}` |
 //!
+//! Filter fields: `consumer`, `subject`, `error`, `reason`, `since`, `until`, `seqs`. A replay or
+//! purge without any filter must say `"all": true`, so an empty body never touches every dead
+//! letter by accident.
+//!
 //! The dead-letter stream is shared, so any service answers for all consumers. These routes
 //! change data: expose the admin port only to operators.
 
@@ -53,6 +57,16 @@ async fn list(
             "reason" => filter.reason = Some(v),
             "since" => filter.since = Some(v),
             "until" => filter.until = Some(v),
+            "seq" => {
+                let seqs = v
+                    .split(',')
+                    .map(|n| n.trim().parse::<u64>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        invalid_parameter("seq", "comma-separated dead-letter sequence numbers")
+                    })?;
+                filter.seqs = Some(seqs);
+            }
             "limit" => {
                 limit = v
                     .parse()
@@ -101,6 +115,28 @@ struct Operation {
     dry_run: bool,
     #[serde(default = "default_rate")]
     rate: u32,
+    #[serde(default)]
+    all: bool,
+}
+
+impl Operation {
+    /// Refuses an operation on every dead letter unless it says so, and a contradiction.
+    fn check(&self) -> Result<(), Problem> {
+        self.filter
+            .validate()
+            .map_err(|e| invalid_parameter("since/until", e))?;
+        match (self.filter.is_empty(), self.all) {
+            (true, false) => Err(invalid_parameter(
+                "all",
+                "give a filter, or \"all\": true to act on every dead letter",
+            )),
+            (false, true) => Err(invalid_parameter(
+                "all",
+                "\"all\": true cannot be combined with a filter",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn default_rate() -> u32 {
@@ -111,9 +147,7 @@ async fn replay(
     State(dl): State<DeadLetters>,
     JsonBody(op): JsonBody<Operation>,
 ) -> Result<impl IntoResponse, Problem> {
-    op.filter
-        .validate()
-        .map_err(|e| invalid_parameter("since/until", e))?;
+    op.check()?;
     if op.rate == 0 {
         return Err(invalid_parameter("rate", "must be at least 1 per second"));
     }
@@ -128,9 +162,7 @@ async fn purge(
     State(dl): State<DeadLetters>,
     JsonBody(op): JsonBody<Operation>,
 ) -> Result<impl IntoResponse, Problem> {
-    op.filter
-        .validate()
-        .map_err(|e| invalid_parameter("since/until", e))?;
+    op.check()?;
     let outcome = dl
         .purge(&op.filter, op.dry_run)
         .await

@@ -9,6 +9,7 @@
 //! One reservation per order is the domain guard beside the inbox: an order already decided
 //! on is never reserved twice, whatever is redelivered or replayed.
 
+use orderflow_contracts::OrderId;
 use orderflow_contracts::events::{
     OrderCancelled, OrderCreated, PaymentCompleted, PaymentFailed, ReleaseReason,
     ReservationCommitted, ReservationReleased, StockRejected, StockReserved,
@@ -139,7 +140,9 @@ async fn release_cancelled(
         Some(ReservationStatus::Committed) => Transition::ReleaseCommitted,
         Some(_) => return Ok(()),
     };
-    let lines = store::transition(work.conn(), event.order_id, transition).await?;
+    let Some(lines) = store::transition(work.conn(), event.order_id, transition).await? else {
+        return Err(changed_concurrently(event.order_id));
+    };
     work.emit(&ReservationReleased {
         order_id: event.order_id,
         reason: ReleaseReason::OrderCancelled,
@@ -181,13 +184,18 @@ impl Handler for PaymentsHandler {
             );
             return Ok(());
         }
+        let transition = if paid {
+            Transition::Commit
+        } else {
+            Transition::ReleaseReserved
+        };
+        let Some(lines) = store::transition(work.conn(), order_id, transition).await? else {
+            return Err(changed_concurrently(order_id));
+        };
         if paid {
-            let lines = store::transition(work.conn(), order_id, Transition::Commit).await?;
             work.emit(&ReservationCommitted { order_id, lines }).await?;
             tracing::info!("reservation committed");
         } else {
-            let lines =
-                store::transition(work.conn(), order_id, Transition::ReleaseReserved).await?;
             work.emit(&ReservationReleased {
                 order_id,
                 reason: ReleaseReason::PaymentFailed,
@@ -198,4 +206,12 @@ impl Handler for PaymentsHandler {
         }
         Ok(())
     }
+}
+
+/// Another transaction moved the order's reservation between our read and our update: retry,
+/// and the next delivery decides on what it finds then.
+fn changed_concurrently(order_id: OrderId) -> HandlerError {
+    HandlerError::transient(format!(
+        "reservation of order {order_id} changed concurrently"
+    ))
 }

@@ -276,18 +276,22 @@ pub async fn reserve(
         }
     }
     insert_reservation(conn, order_id, ReservationStatus::Reserved, Some(total)).await?;
+    let rows: Vec<String> = (0..lines.len())
+        .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+        .collect();
+    let sql = format!(
+        "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) VALUES {}",
+        rows.join(", ")
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(order_id.to_string());
     for line in lines {
-        sqlx::query(
-            "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(order_id.to_string())
-        .bind(line.product_id.as_str())
-        .bind(i64::from(line.quantity.get()))
-        .bind(line.unit_price.amount_minor)
-        .execute(&mut *conn)
-        .await?;
+        query = query
+            .bind(line.product_id.as_str())
+            .bind(i64::from(line.quantity.get()))
+            .bind(line.unit_price.amount_minor);
     }
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -351,29 +355,52 @@ pub enum Transition {
     ReleaseCommitted,
 }
 
-/// Moves an order's reserved or committed units and sets the reservation's new status.
-/// Returns the lines moved.
+/// Moves an order's reserved or committed units and sets the reservation's new status, if the
+/// reservation is still in the status the transition starts from. Returns the lines moved, or
+/// `None` when another transaction changed the reservation first (nothing is moved then).
+///
+/// The status moves first, with a condition on the old status: the caller read the status
+/// before, and on PostgreSQL (read committed) another transaction — a payment outcome and a
+/// cancellation of the same order handled at once by two consumers, or two replicas — may have
+/// moved it since. This `UPDATE` waits for that transaction, then matches nothing, so the units
+/// are never moved twice.
 pub async fn transition(
     conn: &mut AnyConnection,
     order_id: OrderId,
     transition: Transition,
-) -> Result<Vec<OrderLine>, StoreError> {
-    let (update, status) = match transition {
+) -> Result<Option<Vec<OrderLine>>, StoreError> {
+    let (update, from, to) = match transition {
         Transition::Commit => (
             "UPDATE products SET reserved = reserved - $2, committed = committed + $2, updated_at = $3 WHERE product_id = $1",
+            ReservationStatus::Reserved,
             ReservationStatus::Committed,
         ),
         Transition::ReleaseReserved => (
             "UPDATE products SET reserved = reserved - $2, available = available + $2, updated_at = $3 WHERE product_id = $1",
+            ReservationStatus::Reserved,
             ReservationStatus::Released,
         ),
         Transition::ReleaseCommitted => (
             "UPDATE products SET committed = committed - $2, available = available + $2, updated_at = $3 WHERE product_id = $1",
+            ReservationStatus::Committed,
             ReservationStatus::Released,
         ),
     };
-    let lines = reservation_lines(&mut *conn, order_id).await?;
     let now = now_micros();
+    let moved = sqlx::query(
+        "UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1 AND status = $4",
+    )
+    .bind(order_id.to_string())
+    .bind(to.as_str())
+    .bind(now)
+    .bind(from.as_str())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Ok(None);
+    }
+    let lines = reservation_lines(&mut *conn, order_id).await?;
     for line in &lines {
         sqlx::query(update)
             .bind(line.product_id.as_str())
@@ -382,11 +409,5 @@ pub async fn transition(
             .execute(&mut *conn)
             .await?;
     }
-    sqlx::query("UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .bind(status.as_str())
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    Ok(lines)
+    Ok(Some(lines))
 }

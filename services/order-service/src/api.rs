@@ -18,16 +18,14 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use orderflow_contracts::events::OrderCreated;
-use orderflow_contracts::names::subjects;
-use orderflow_contracts::{EventMeta, OrderId};
-use orderflow_messaging::Outbox;
+use orderflow_contracts::OrderId;
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::{RequestContext, invalid_parameter, not_found, payload_too_large};
 use orderflow_store::Db;
 use serde_json::json;
 
-use crate::domain::{self, NewOrder};
+use crate::domain;
+use crate::placer::{Placed, Placer};
 use crate::saga::ORDERS_PLACED_TOTAL;
 use crate::store::{self, ListFilter};
 
@@ -41,8 +39,8 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub struct Api {
     /// The orders database.
     pub db: Db,
-    /// Where `orders.created` is staged.
-    pub outbox: Outbox,
+    /// Writes new orders (group commit).
+    pub placer: Placer,
 }
 
 /// The routes.
@@ -130,14 +128,16 @@ async fn place(
         .with_errors(errors)
     })?;
 
-    match place_order(&api, &ctx, key.as_deref(), &order).await? {
+    let lines = order.lines.len();
+    let correlation_id = ctx.correlation_id;
+    match api.placer.place(order, key, ctx).await? {
         Placed::New(order_id) => {
             metrics::counter!(ORDERS_PLACED_TOTAL).increment(1);
-            tracing::info!(%order_id, lines = order.lines.len(), "order placed");
+            tracing::info!(%order_id, lines, "order placed");
             Ok(accepted(
                 order_id,
                 "pending",
-                &ctx.correlation_id.to_string(),
+                &correlation_id.to_string(),
                 false,
             ))
         }
@@ -162,79 +162,6 @@ fn accepted(order_id: OrderId, status: &str, correlation_id: &str, replayed: boo
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     response
-}
-
-enum Placed {
-    New(OrderId),
-    Replay(OrderId),
-}
-
-/// Stores the order and stages `orders.created` in one transaction.
-async fn place_order(
-    api: &Api,
-    ctx: &RequestContext,
-    key: Option<&str>,
-    order: &NewOrder,
-) -> Result<Placed, Problem> {
-    let canonical = order.canonical();
-    let order_id = OrderId::new();
-    let mut tx = api.db.begin().await?;
-    if let Some(key) = key {
-        if let Some(used) = store::key_use(&mut tx, key).await? {
-            return replay(&used, &canonical);
-        }
-        if let Err(e) = store::claim_key(&mut tx, key, &canonical, order_id).await {
-            // A concurrent request with the same key won the race (PostgreSQL): answer as a
-            // replay of what it stored.
-            drop(tx);
-            let mut conn = api.db.begin().await?;
-            return match store::key_use(&mut conn, key).await? {
-                Some(used) => replay(&used, &canonical),
-                None => Err(e.into()),
-            };
-        }
-    }
-    store::insert_order(&mut tx, order_id, order, ctx.correlation_id).await?;
-    let event = OrderCreated {
-        order_id,
-        customer_id: order.customer_id.clone(),
-        lines: order.lines.clone(),
-        payment_method: order.payment_method.clone(),
-    };
-    let mut meta = EventMeta::new(&event, api.outbox.source(), ctx.correlation_id, None);
-    meta.traceparent = Some(ctx.traceparent.clone());
-    api.outbox.stage(&mut tx, &meta, &event).await?;
-    let detail = json!({ "items": event.lines, "payment_method": event.payment_method });
-    store::add_timeline(
-        &mut tx,
-        order_id,
-        subjects::ORDER_CREATED,
-        meta.id,
-        meta.time,
-        &detail,
-    )
-    .await?;
-    tx.commit()
-        .await
-        .map_err(orderflow_store::StoreError::from)?;
-    api.outbox.wake();
-    Ok(Placed::New(order_id))
-}
-
-fn replay(used: &store::KeyUse, canonical: &str) -> Result<Placed, Problem> {
-    if used.request == canonical {
-        Ok(Placed::Replay(used.order_id))
-    } else {
-        Err(Problem::new(
-            StatusCode::CONFLICT,
-            "idempotency_key_reused",
-            "Idempotency key reused",
-            format!(
-                "this Idempotency-Key was used for a different request (order {})",
-                used.order_id
-            ),
-        ))
-    }
 }
 
 /// `GET /v1/orders/{id}`.

@@ -113,17 +113,15 @@ async fn record<I>(
     subject: &str,
     detail: serde_json::Value,
 ) -> Result<(), HandlerError> {
-    if store::state(work.conn(), order_id).await?.is_some() {
-        store::add_timeline(
-            work.conn(),
-            order_id,
-            subject,
-            msg.meta.id,
-            msg.meta.time,
-            &detail,
-        )
-        .await?;
-    }
+    store::add_timeline(
+        work.conn(),
+        order_id,
+        subject,
+        msg.meta.id,
+        msg.meta.time,
+        &detail,
+    )
+    .await?;
     Ok(())
 }
 

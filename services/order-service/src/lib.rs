@@ -8,6 +8,7 @@
 //! Layout (one composition root, [`run`]):
 //! - [`domain`]: request validation and status rules, no IO;
 //! - [`store`]: the tables;
+//! - [`placer`]: writing new orders, many requests per transaction under load;
 //! - [`saga`]: outcomes → terminal states, and the deadline sweep;
 //! - [`handlers`]: the consumers of `INVENTORY` and `PAYMENTS`;
 //! - [`api`]: the HTTP API.
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod domain;
 pub mod handlers;
+pub mod placer;
 pub mod saga;
 pub mod store;
 
@@ -88,9 +90,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
+    let placer = placer::Placer::start(host.db().clone(), host.outbox().clone());
     let routes = api::routes(api::Api {
         db: host.db().clone(),
-        outbox: host.outbox().clone(),
+        placer,
     });
     host.serve(listener, routes).await
 }

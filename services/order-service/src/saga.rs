@@ -17,7 +17,7 @@ use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Status, next_status};
+use crate::domain::Status;
 use crate::store;
 
 /// Orders that reached a terminal state, by `outcome` and `reason`.
@@ -52,20 +52,14 @@ pub async fn finish(
     order_id: OrderId,
     outcome: Outcome,
 ) -> Result<Option<Terminal>, StoreError> {
-    let Some(state) = store::state(&mut *conn, order_id).await? else {
-        tracing::warn!(%order_id, "outcome for an unknown order; ignored");
-        return Ok(None);
-    };
-    let wanted = match outcome {
+    let next = match outcome {
         Outcome::Paid(_) => Status::Confirmed,
         Outcome::Cancel(reason) => Status::Cancelled(reason),
     };
-    let Some(next) = next_status(state.status, wanted) else {
+    // The first outcome wins: one statement moves the order only if it is still pending.
+    let Some(created_at) = store::finish(&mut *conn, order_id, next).await? else {
         return Ok(None);
     };
-    if !store::finish(&mut *conn, order_id, next).await? {
-        return Ok(None);
-    }
     let (label, reason, terminal) = match outcome {
         Outcome::Cancel(reason) => (
             "cancelled",
@@ -79,7 +73,7 @@ pub async fn finish(
         ),
     };
     metrics::counter!(ORDERS_FINISHED_TOTAL, "outcome" => label, "reason" => reason).increment(1);
-    let took = (OffsetDateTime::now_utc() - state.created_at)
+    let took = (OffsetDateTime::now_utc() - created_at)
         .as_seconds_f64()
         .max(0.0);
     metrics::histogram!(SAGA_SECONDS, "outcome" => label).record(took);

@@ -122,18 +122,25 @@ pub async fn insert_order(
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    let rows: Vec<String> = (0..order.lines.len())
+        .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
+        .collect();
+    let sql = format!(
+        "INSERT INTO order_lines (order_id, product_id, quantity) VALUES {}",
+        rows.join(", ")
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(order_id.to_string());
     for line in &order.lines {
-        sqlx::query("INSERT INTO order_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)")
-            .bind(order_id.to_string())
+        query = query
             .bind(line.product_id.as_str())
-            .bind(i64::from(line.quantity.get()))
-            .execute(&mut *conn)
-            .await?;
+            .bind(i64::from(line.quantity.get()));
     }
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
-/// Appends an event to an order's timeline.
+/// Appends an event to an order's timeline, if the order is ours (one statement).
 pub async fn add_timeline(
     conn: &mut AnyConnection,
     order_id: OrderId,
@@ -142,14 +149,17 @@ pub async fn add_timeline(
     at: OffsetDateTime,
     detail: &serde_json::Value,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES ($1, $2, $3, $4, $5)")
-        .bind(order_id.to_string())
-        .bind(event)
-        .bind(event_id.to_string())
-        .bind(orderflow_store::to_micros(at))
-        .bind(detail.to_string())
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) \
+         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM orders WHERE order_id = $1)",
+    )
+    .bind(order_id.to_string())
+    .bind(event)
+    .bind(event_id.to_string())
+    .bind(orderflow_store::to_micros(at))
+    .bind(detail.to_string())
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -213,28 +223,29 @@ pub async fn set_total(
     Ok(())
 }
 
-/// Moves a pending order to a terminal status. Returns `false` when it was no longer pending
-/// (another outcome, or another replica's deadline sweep, got there first).
+/// Moves a pending order to a terminal status in one statement. Returns when the order was
+/// placed, or `None` when it was not pending (unknown, or another outcome or another replica's
+/// deadline sweep got there first).
 pub async fn finish(
     conn: &mut AnyConnection,
     order_id: OrderId,
     status: Status,
-) -> Result<bool, StoreError> {
+) -> Result<Option<OffsetDateTime>, StoreError> {
     let reason = match status {
         Status::Cancelled(r) => Some(r.as_str()),
         _ => None,
     };
-    let n = sqlx::query(
-        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = $4 WHERE order_id = $1 AND status = 'pending'",
+    let created: Option<i64> = sqlx::query_scalar(
+        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = $4 \
+         WHERE order_id = $1 AND status = 'pending' RETURNING created_at",
     )
     .bind(order_id.to_string())
     .bind(status.as_str())
     .bind(reason)
     .bind(now_micros())
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(n == 1)
+    .fetch_optional(conn)
+    .await?;
+    Ok(created.map(from_micros))
 }
 
 /// Pending orders placed before `cutoff` (oldest first), with their correlation ids.

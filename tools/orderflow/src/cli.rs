@@ -65,6 +65,25 @@ pub enum Command {
                  simulator) with prefixed logs, until Ctrl-C"
     )]
     Up(UpArgs),
+
+    /// Measure the system: a load generator driving the real services over HTTP, beside a
+    /// raw-JetStream baseline measured in the same run.
+    #[command(verbatim_doc_comment)]
+    Bench(crate::bench::BenchArgs),
+
+    /// Dead letters: list, show, replay or purge the messages no handler could process.
+    ///
+    /// A message ends in the DEAD_LETTERS stream (subject deadletter.<consumer>) when it is
+    /// poison (undecodable or schema-invalid), its handler failed permanently, it failed
+    /// transiently on its last allowed delivery, or JetStream gave up on it (max deliveries)
+    /// because no handler ever finished. It keeps its payload and headers, plus
+    /// Orderflow-DL-* headers saying where it came from and why.
+    ///
+    /// This talks to NATS directly, so it works while the services are down; every service
+    /// serves the same operations on its admin port under /admin/dead-letters. Exit status:
+    /// 0 done, 1 failed or refused (NATS unreachable, nothing given to act on, a failed
+    /// replay), 2 bad command line.
+    Dlq(crate::dlq::DlqArgs),
 }
 
 /// The flags of `orderflow up`.
@@ -138,7 +157,9 @@ mod tests {
     #[test]
     fn up_defaults() {
         let cli = Cli::try_parse_from(["orderflow", "up"]).unwrap();
-        let Command::Up(args) = cli.command;
+        let Command::Up(args) = cli.command else {
+            panic!("not up")
+        };
         assert_eq!(args.replicas, 1);
         assert_eq!(args.data_dir, PathBuf::from(".data"));
         assert_eq!(

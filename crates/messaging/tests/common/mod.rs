@@ -57,6 +57,8 @@ pub struct Script {
     pub always_permanent: bool,
     /// Sleep this long in `prepare`.
     pub prepare_delay: Duration,
+    /// Fail permanently for this order only.
+    pub fail_order: Option<String>,
 }
 
 /// Everything the handler saw.
@@ -118,7 +120,7 @@ impl Handler for ScriptedHandler {
         .bind(&order_id)
         .execute(work.conn())
         .await?;
-        if script.always_permanent {
+        if script.always_permanent || script.fail_order.as_deref() == Some(order_id.as_str()) {
             return Err(HandlerError::permanent("the handler refuses this message"));
         }
         if script.always_transient || msg.delivered <= script.fail_transiently_until_delivery {

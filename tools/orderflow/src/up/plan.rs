@@ -358,7 +358,9 @@ mod tests {
 
     fn plan(flags: &[&str]) -> anyhow::Result<Plan> {
         let cli = Cli::try_parse_from(["orderflow", "up"].iter().chain(flags)).unwrap();
-        let Command::Up(mut args) = cli.command;
+        let Command::Up(mut args) = cli.command else {
+            panic!("not up")
+        };
         // Independent of an ORDERFLOW_STORE in the environment running the tests.
         if !flags.contains(&"--store") {
             args.store = Store::Sqlite;

@@ -1,0 +1,300 @@
+//! Results, and how they are shown: a table on the terminal, JSON, and the Markdown page.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::driver::RunResult;
+use super::procstat::Usage;
+
+/// The system against the baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// System throughput ÷ baseline throughput.
+    pub throughput: f64,
+    /// System p99 ÷ baseline p99.
+    pub p99: f64,
+}
+
+impl Ratio {
+    /// The ratios of `system` to `baseline`.
+    pub fn of(system: &RunResult, baseline: &RunResult) -> Self {
+        let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+        Self {
+            throughput: div(system.throughput, baseline.throughput),
+            p99: div(system.latency_ms.p99, baseline.latency_ms.p99),
+        }
+    }
+}
+
+/// The invariant check that ends every run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Invariants {
+    /// Orders accepted by the API.
+    pub accepted: u64,
+    /// Accepted orders not terminal by the end of the drain.
+    pub not_terminal: u64,
+    /// Orders whose terminal event was seen more than once.
+    pub terminal_twice: u64,
+    /// Sum over products of |available + reserved + committed − initial − restocked|.
+    pub stock_drift: i64,
+    /// Successful charges at the provider.
+    pub charges_succeeded: u64,
+    /// Confirmed orders.
+    pub confirmed: u64,
+}
+
+impl Invariants {
+    /// Whether every invariant held.
+    pub fn hold(&self) -> bool {
+        self.not_terminal == 0
+            && self.terminal_twice == 0
+            && self.stock_drift == 0
+            && self.charges_succeeded == self.confirmed
+    }
+}
+
+/// One scenario's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    /// How load was offered.
+    pub load: String,
+    /// Sending time, seconds.
+    pub duration_s: f64,
+    /// Excluded start, seconds.
+    pub warmup_s: f64,
+    /// The system.
+    pub system: RunResult,
+    /// The raw JetStream chain on the same server, same run.
+    pub baseline: Option<RunResult>,
+    /// System ÷ baseline.
+    pub ratio: Option<Ratio>,
+    /// CPU and memory per process.
+    pub processes: Vec<Usage>,
+    /// The end-of-run check.
+    pub invariants: Invariants,
+}
+
+fn row(out: &mut String, name: &str, r: &RunResult) {
+    let _ = writeln!(
+        out,
+        "  {name:<9} {:>9.0}/s  p50 {:>7.2}  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>8.2} ms   sent {}  errors {}  drain {:.1}s  backlog→0 {:.1}s",
+        r.throughput,
+        r.latency_ms.p50,
+        r.latency_ms.p90,
+        r.latency_ms.p99,
+        r.latency_ms.p999,
+        r.latency_ms.max,
+        r.sent,
+        r.send_errors,
+        r.drain_s,
+        r.backlog_zero_s
+    );
+}
+
+/// The terminal table of one scenario.
+pub fn table(s: &Scenario) -> String {
+    let mut out = format!(
+        "{} — {} on {}, {:.0} s (first {:.0} s excluded)\n",
+        s.name, s.load, s.store, s.duration_s, s.warmup_s
+    );
+    row(&mut out, "system", &s.system);
+    if let Some(b) = &s.baseline {
+        row(&mut out, "baseline", b);
+    }
+    if let Some(r) = &s.ratio {
+        let _ = writeln!(
+            out,
+            "  system/baseline: throughput {:.2}×, p99 {:.1}×",
+            r.throughput, r.p99
+        );
+    }
+    let cancelled: u64 = s.system.cancelled.values().sum();
+    let _ = writeln!(
+        out,
+        "  confirmed {}  cancelled {} {:?}",
+        s.system.confirmed, cancelled, s.system.cancelled
+    );
+    for p in &s.processes {
+        let _ = writeln!(
+            out,
+            "  {:<22} cpu {:>6.1} s ({:.3} ms/order)  rss idle {:>5.1} MiB, peak {:>5.1} MiB, end {:>5.1} MiB",
+            p.name, p.cpu_s, p.cpu_ms_per_order, p.idle_rss_mib, p.peak_rss_mib, p.end_rss_mib
+        );
+    }
+    let i = &s.invariants;
+    let _ = writeln!(
+        out,
+        "  invariants: {} — accepted {}, not terminal {}, terminal twice {}, stock drift {}, charges {} for {} confirmed",
+        if i.hold() { "HOLD" } else { "VIOLATED" },
+        i.accepted,
+        i.not_terminal,
+        i.terminal_twice,
+        i.stock_drift,
+        i.charges_succeeded,
+        i.confirmed
+    );
+    out
+}
+
+/// A description of this machine.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown CPU", str::trim)
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!(
+        "{cores} cores ({model}), {mem_gib:.0} GiB RAM, Linux; every process (nats-server, services, simulator, load generator) on this one machine"
+    )
+}
+
+fn fmt_opt(v: f64) -> String {
+    if v.is_nan() {
+        "–".to_owned()
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The whole `docs/benchmarks.md` page.
+pub fn markdown(results: &[Scenario], command: &str, machine: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Generated by `orderflow bench --write-doc`; do not edit by hand — rerun it. Every figure below comes\n\
+         from one run of that command on the machine described here. Machines are shared and noisy: read\n\
+         the **ratios to the raw-JetStream baseline measured in the same run** before the absolute numbers.\n"
+    );
+    let _ = writeln!(out, "- **Command:** `{command}`");
+    let _ = writeln!(out, "- **Machine:** {machine}");
+    let _ = writeln!(out, "- **Build:** release (`cargo build --release --bins`)");
+    let _ = writeln!(
+        out,
+        "- **What is measured:** an order's latency runs from its intended send time (open loop: queueing\n  \
+         is not hidden) to its terminal event (`orders.confirmed`/`orders.cancelled`) seen on NATS.\n  \
+         The baseline is the raw JetStream chain: 4 publishes and 3 pull-consume-republish hops of a\n  \
+         300-byte payload, no database, driven the same way on the same nats-server just before the system.\n"
+    );
+    let _ = writeln!(out, "## Summary\n");
+    let _ = writeln!(
+        out,
+        "| scenario | load | orders/s | p50 ms | p99 ms | p99.9 ms | baseline/s | baseline p99 ms | throughput ratio | p99 ratio | invariants |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for s in results {
+        let (bt, bp) = s
+            .baseline
+            .as_ref()
+            .map_or((f64::NAN, f64::NAN), |b| (b.throughput, b.latency_ms.p99));
+        let (rt, rp) = s
+            .ratio
+            .as_ref()
+            .map_or((f64::NAN, f64::NAN), |r| (r.throughput, r.p99));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
+            s.name,
+            s.load,
+            s.system.throughput,
+            s.system.latency_ms.p50,
+            s.system.latency_ms.p99,
+            s.system.latency_ms.p999,
+            bt,
+            fmt_opt(bp),
+            fmt_opt(rt),
+            fmt_opt(rp),
+            if s.invariants.hold() {
+                "hold"
+            } else {
+                "**violated**"
+            }
+        );
+    }
+    for s in results {
+        section(&mut out, s);
+    }
+    out
+}
+
+/// One scenario's section of the page.
+fn section(out: &mut String, s: &Scenario) {
+    let _ = writeln!(out, "\n## {}\n", s.name);
+    let _ = writeln!(
+        out,
+        "{} on {}, {:.0} s of load, the first {:.0} s excluded from the figures.\n",
+        s.load, s.store, s.duration_s, s.warmup_s
+    );
+    let _ = writeln!(
+        out,
+        "| run | orders/s | p50 | p90 | p99 | p99.9 | max (ms) | sent | send errors | drain s | backlog → 0 s |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (label, r) in
+        std::iter::once(("system", &s.system)).chain(s.baseline.iter().map(|b| ("baseline", b)))
+    {
+        let _ = writeln!(
+            out,
+            "| {label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} |",
+            r.throughput,
+            r.latency_ms.p50,
+            r.latency_ms.p90,
+            r.latency_ms.p99,
+            r.latency_ms.p999,
+            r.latency_ms.max,
+            r.sent,
+            r.send_errors,
+            r.drain_s,
+            fmt_opt(r.backlog_zero_s)
+        );
+    }
+    let cancelled: u64 = s.system.cancelled.values().sum();
+    let i = &s.invariants;
+    let _ = writeln!(
+        out,
+        "\nConfirmed {}, cancelled {cancelled}. Invariants {}: accepted {}, not terminal {}, terminal twice {}, stock drift {}, {} charges for {} confirmed orders.\n",
+        s.system.confirmed,
+        if i.hold() { "hold" } else { "**violated**" },
+        i.accepted,
+        i.not_terminal,
+        i.terminal_twice,
+        i.stock_drift,
+        i.charges_succeeded,
+        i.confirmed
+    );
+    let _ = writeln!(
+        out,
+        "| process | CPU s | CPU ms / order | idle RSS MiB | peak RSS MiB | end RSS MiB |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for p in &s.processes {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} |",
+            p.name, p.cpu_s, p.cpu_ms_per_order, p.idle_rss_mib, p.peak_rss_mib, p.end_rss_mib
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n![latency percentiles](benchmarks/{}-latency.svg)\n![throughput over time](benchmarks/{}-throughput.svg)",
+        s.name, s.name
+    );
+}
