@@ -39,7 +39,7 @@ pub mod topology;
 pub use deadletter::{AdvisoryWatcher, DeadLetters};
 pub use error::MessagingError;
 pub use nats::{Nats, NatsConfig};
-pub use outbox::{Outbox, OutboxRelay, RelayConfig};
+pub use outbox::{Outbox, OutboxRelay, OutboxRow, RelayConfig};
 pub use publisher::{Published, Publisher};
 pub use runner::{
     ConsumerHealth, ConsumerRunner, Handler, HandlerError, Incoming, RetryPolicy, RunnerConfig,

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::deadletter::{self, DeadLetterReason, Origin};
+use crate::outbox::OutboxRow;
 use crate::topology::{ConsumerSpec, reconcile_consumer};
 use crate::{Nats, Outbox, Publisher, inbox, metrics};
 
@@ -145,22 +146,24 @@ impl From<sqlx::Error> for HandlerError {
 }
 
 /// What a handler gets inside the batch transaction: the transaction itself and a way to emit
-/// events caused by the message being handled (staged in the outbox, same transaction).
+/// events caused by the message being handled. Emitted events are written to the outbox in the
+/// same transaction, together with the rest of the batch's (one statement for many events).
 pub struct Work<'a> {
     tx: &'a mut Tx,
     outbox: &'a Outbox,
     cause: &'a EventMeta,
-    staged: usize,
+    staged: Vec<OutboxRow>,
 }
 
 impl<'a> Work<'a> {
-    /// A unit of work for `cause` inside `tx` (the runner builds these; public for handler tests).
+    /// A unit of work for `cause` inside `tx` (the runner builds these; public for handler
+    /// tests, which call [`Work::flush`] before committing).
     pub fn new(tx: &'a mut Tx, outbox: &'a Outbox, cause: &'a EventMeta) -> Self {
         Self {
             tx,
             outbox,
             cause,
-            staged: 0,
+            staged: Vec::new(),
         }
     }
 
@@ -169,18 +172,29 @@ impl<'a> Work<'a> {
         self.tx
     }
 
-    /// Stages an event caused by the message being handled: same correlation id and trace,
-    /// causation id = the message's event id. Published after the transaction commits.
+    /// Emits an event caused by the message being handled: same correlation id and trace,
+    /// causation id = the message's event id. Written to the outbox before the transaction
+    /// commits, published after.
+    #[allow(clippy::unused_async)] // async so that emitting may write at once in the future
     pub async fn emit<E: Event>(&mut self, event: &E) -> Result<EventId, StoreError> {
         let meta = self.cause.caused(event, self.outbox.source());
-        let id = self.outbox.stage(self.tx, &meta, event).await?;
-        self.staged += 1;
-        Ok(id)
+        self.staged.push(OutboxRow::new(&meta, event));
+        Ok(meta.id)
     }
 
-    /// How many events this unit of work staged.
+    /// How many events this unit of work emitted.
     pub fn staged(&self) -> usize {
-        self.staged
+        self.staged.len()
+    }
+
+    /// Writes the emitted events into the outbox now (the runner does this for its batch).
+    pub async fn flush(&mut self) -> Result<(), StoreError> {
+        let rows = std::mem::take(&mut self.staged);
+        Outbox::insert(self.tx, &rows).await
+    }
+
+    fn take_staged(&mut self) -> Vec<OutboxRow> {
+        std::mem::take(&mut self.staged)
     }
 }
 
@@ -677,6 +691,7 @@ async fn apply_batch<H: Handler>(
         .await
         .map_err(|e| e.to_string())?;
     let mut done = Vec::with_capacity(ready.len());
+    let mut rows = Vec::new();
     for (i, prepared) in ready {
         let item = &items[*i];
         // `remove`: a second copy of one event inside the batch is a duplicate too.
@@ -693,8 +708,12 @@ async fn apply_batch<H: Handler>(
             .await
             .map_err(|e| e.to_string())?;
         let staged = work.staged() > 0;
+        rows.extend(work.take_staged());
         done.push((*i, (Outcome::Ack, staged)));
     }
+    Outbox::insert(&mut tx, &rows)
+        .await
+        .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(done)
 }
@@ -740,7 +759,10 @@ async fn apply_one<H: Handler>(
         .instrument(span)
         .await
     {
-        Ok(()) => Outcome::Ack,
+        Ok(()) => match work.flush().await {
+            Ok(()) => Outcome::Ack,
+            Err(e) => Outcome::Failed(e.into()),
+        },
         Err(e) => Outcome::Failed(e),
     }
 }

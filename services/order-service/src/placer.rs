@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use orderflow_contracts::events::OrderCreated;
 use orderflow_contracts::names::subjects;
 use orderflow_contracts::{EventMeta, OrderId};
-use orderflow_messaging::Outbox;
+use orderflow_messaging::{Outbox, OutboxRow};
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::RequestContext;
 use orderflow_store::{Db, StoreError, Tx};
@@ -146,13 +146,7 @@ async fn write_all(
     requests: &[Request],
 ) -> Result<Vec<Result<Placed, PlaceError>>, StoreError> {
     let mut tx = db.begin().await?;
-    let mut results = Vec::with_capacity(requests.len());
-    for r in requests {
-        match write(&mut tx, outbox, r).await {
-            Err(PlaceError::Store(e)) => return Err(e),
-            other => results.push(other),
-        }
-    }
+    let results = write(&mut tx, outbox, requests).await?;
     tx.commit().await?;
     Ok(results)
 }
@@ -160,12 +154,16 @@ async fn write_all(
 /// One request in its own transaction.
 async fn write_one(db: &Db, outbox: &Outbox, r: &Request) -> Result<Placed, PlaceError> {
     let mut tx = db.begin().await?;
-    match write(&mut tx, outbox, r).await {
-        Ok(placed) => {
+    match write(&mut tx, outbox, std::slice::from_ref(r)).await {
+        Ok(mut results) => {
             tx.commit().await?;
-            Ok(placed)
+            results
+                .pop()
+                .unwrap_or(Err(PlaceError::Store(StoreError::Sqlx(
+                    sqlx::Error::RowNotFound,
+                ))))
         }
-        Err(PlaceError::Store(e)) => {
+        Err(e) => {
             drop(tx);
             // A concurrent request with the same key won a race (PostgreSQL, several
             // replicas): answer as a replay of what it stored.
@@ -175,43 +173,66 @@ async fn write_one(db: &Db, outbox: &Outbox, r: &Request) -> Result<Placed, Plac
                     return replay(&used, &r.order.canonical());
                 }
             }
-            Err(PlaceError::Store(e))
+            Err(e.into())
         }
-        Err(refused) => Err(refused),
     }
 }
 
-/// The writes of one request inside `tx`.
-async fn write(tx: &mut Tx, outbox: &Outbox, r: &Request) -> Result<Placed, PlaceError> {
-    let order_id = OrderId::new();
-    if let Some(key) = &r.key {
-        let canonical = r.order.canonical();
-        if let Some(used) = store::key_use(tx, key).await? {
-            return replay(&used, &canonical);
+/// The writes of `requests` inside `tx`: a statement per table for all of them. Returns one
+/// result per request; `Err` only when the database fails.
+async fn write(
+    tx: &mut Tx,
+    outbox: &Outbox,
+    requests: &[Request],
+) -> Result<Vec<Result<Placed, PlaceError>>, StoreError> {
+    let mut results = Vec::with_capacity(requests.len());
+    let mut new = Vec::with_capacity(requests.len());
+    for r in requests {
+        let order_id = OrderId::new();
+        if let Some(key) = &r.key {
+            let canonical = r.order.canonical();
+            // Looked up request by request: an earlier request of this batch may hold the key.
+            if let Some(used) = store::key_use(tx, key).await? {
+                results.push(replay(&used, &canonical));
+                continue;
+            }
+            store::claim_key(tx, key, &canonical, order_id).await?;
         }
-        store::claim_key(tx, key, &canonical, order_id).await?;
+        results.push(Ok(Placed::New(order_id)));
+        new.push((order_id, r));
     }
-    store::insert_order(tx, order_id, &r.order, r.ctx.correlation_id).await?;
-    let event = OrderCreated {
-        order_id,
-        customer_id: r.order.customer_id.clone(),
-        lines: r.order.lines.clone(),
-        payment_method: r.order.payment_method.clone(),
-    };
-    let mut meta = EventMeta::new(&event, outbox.source(), r.ctx.correlation_id, None);
-    meta.traceparent = Some(r.ctx.traceparent.clone());
-    outbox.stage(tx, &meta, &event).await?;
-    let detail = json!({ "items": event.lines, "payment_method": event.payment_method });
-    store::add_timeline(
-        tx,
-        order_id,
-        subjects::ORDER_CREATED,
-        meta.id,
-        meta.time,
-        &detail,
-    )
-    .await?;
-    Ok(Placed::New(order_id))
+    let rows: Vec<store::NewRow<'_>> = new
+        .iter()
+        .map(|(order_id, r)| store::NewRow {
+            order_id: *order_id,
+            order: &r.order,
+            correlation_id: r.ctx.correlation_id,
+        })
+        .collect();
+    store::insert_orders(tx, &rows).await?;
+    let mut events = Vec::with_capacity(new.len());
+    let mut timeline = Vec::with_capacity(new.len());
+    for (order_id, r) in &new {
+        let event = OrderCreated {
+            order_id: *order_id,
+            customer_id: r.order.customer_id.clone(),
+            lines: r.order.lines.clone(),
+            payment_method: r.order.payment_method.clone(),
+        };
+        let mut meta = EventMeta::new(&event, outbox.source(), r.ctx.correlation_id, None);
+        meta.traceparent = Some(r.ctx.traceparent.clone());
+        events.push(OutboxRow::new(&meta, &event));
+        timeline.push(store::TimelineRow {
+            order_id: *order_id,
+            event: subjects::ORDER_CREATED,
+            event_id: meta.id,
+            at: meta.time,
+            detail: json!({ "items": event.lines, "payment_method": event.payment_method }),
+        });
+    }
+    Outbox::insert(tx, &events).await?;
+    store::insert_timeline(tx, &timeline).await?;
+    Ok(results)
 }
 
 fn replay(used: &store::KeyUse, canonical: &str) -> Result<Placed, PlaceError> {

@@ -103,40 +103,125 @@ pub async fn claim_key(
     Ok(())
 }
 
-/// Inserts a new pending order with its lines.
-pub async fn insert_order(
+/// A new order to insert.
+#[derive(Debug, Clone, Copy)]
+pub struct NewRow<'a> {
+    /// Its id.
+    pub order_id: OrderId,
+    /// What was asked for.
+    pub order: &'a NewOrder,
+    /// The saga's correlation id.
+    pub correlation_id: CorrelationId,
+}
+
+/// Inserts new pending orders with their lines: one statement for the orders, one for all
+/// their lines.
+pub async fn insert_orders(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    order: &NewOrder,
-    correlation_id: CorrelationId,
+    orders: &[NewRow<'_>],
 ) -> Result<(), StoreError> {
-    let now = now_micros();
-    sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, payment_method, status, correlation_id, created_at, updated_at) \
-         VALUES ($1, $2, $3, 'pending', $4, $5, $5)",
-    )
-    .bind(order_id.to_string())
-    .bind(order.customer_id.as_str())
-    .bind(order.payment_method.as_str())
-    .bind(correlation_id.to_string())
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    let rows: Vec<String> = (0..order.lines.len())
-        .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
+    if orders.is_empty() {
+        return Ok(());
+    }
+    // 4 parameters an order and 3 a line; a placing batch is at most 128 orders of at most 50
+    // lines, well below both databases' parameter limits.
+    let values: Vec<String> = (0..orders.len())
+        .map(|i| {
+            format!(
+                "(${}, ${}, ${}, 'pending', ${}, $1, $1)",
+                4 * i + 2,
+                4 * i + 3,
+                4 * i + 4,
+                4 * i + 5
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO orders (order_id, customer_id, payment_method, status, correlation_id, created_at, updated_at) VALUES {}",
+        values.join(", ")
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for row in orders {
+        query = query
+            .bind(row.order_id.to_string())
+            .bind(row.order.customer_id.as_str())
+            .bind(row.order.payment_method.as_str())
+            .bind(row.correlation_id.to_string());
+    }
+    query.execute(&mut *conn).await?;
+
+    let lines: Vec<(OrderId, &orderflow_contracts::events::OrderLine)> = orders
+        .iter()
+        .flat_map(|r| r.order.lines.iter().map(move |l| (r.order_id, l)))
+        .collect();
+    let values: Vec<String> = (0..lines.len())
+        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
         .collect();
     let sql = format!(
         "INSERT INTO order_lines (order_id, product_id, quantity) VALUES {}",
-        rows.join(", ")
+        values.join(", ")
     );
-    // Only generated placeholders are interpolated; every value is bound.
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(order_id.to_string());
-    for line in &order.lines {
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for (order_id, line) in lines {
         query = query
+            .bind(order_id.to_string())
             .bind(line.product_id.as_str())
             .bind(i64::from(line.quantity.get()));
     }
     query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A timeline entry to insert.
+#[derive(Debug, Clone)]
+pub struct TimelineRow {
+    /// The order.
+    pub order_id: OrderId,
+    /// The event's subject.
+    pub event: &'static str,
+    /// The event's id.
+    pub event_id: EventId,
+    /// When it happened.
+    pub at: OffsetDateTime,
+    /// What it said.
+    pub detail: serde_json::Value,
+}
+
+/// Inserts timeline entries of orders known to exist, in one statement.
+pub async fn insert_timeline(
+    conn: &mut AnyConnection,
+    rows: &[TimelineRow],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> = (0..rows.len())
+        .map(|i| {
+            format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                5 * i + 1,
+                5 * i + 2,
+                5 * i + 3,
+                5 * i + 4,
+                5 * i + 5
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES {}",
+        values.join(", ")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for r in rows {
+        query = query
+            .bind(r.order_id.to_string())
+            .bind(r.event)
+            .bind(r.event_id.to_string())
+            .bind(orderflow_store::to_micros(r.at))
+            .bind(r.detail.to_string());
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 
