@@ -42,8 +42,8 @@ pub use nats::{Nats, NatsConfig};
 pub use outbox::{Outbox, OutboxRelay, OutboxRow, RelayConfig};
 pub use publisher::{Published, Publisher};
 pub use runner::{
-    ConsumerHealth, ConsumerRunner, Handler, HandlerError, Incoming, RetryPolicy, RunnerConfig,
-    Work,
+    BatchWork, ConsumerHealth, ConsumerRunner, Handler, HandlerError, Incoming, RetryPolicy,
+    RunnerConfig, Work,
 };
 pub use topology::{ConsumerSpec, StreamSpec, Topology, TopologySettings};
 
