@@ -193,6 +193,16 @@ impl<'a> Work<'a> {
         Outbox::insert(self.tx, &rows).await
     }
 
+    /// This unit of work seen as a batch (of the one message), for handlers whose
+    /// [`Handler::handle`] is their [`Handler::handle_batch`] applied to one message.
+    pub fn batch(&mut self) -> BatchWork<'_> {
+        BatchWork {
+            tx: &mut *self.tx,
+            outbox: self.outbox,
+            staged: &mut self.staged,
+        }
+    }
+
     pub(crate) fn take_staged(&mut self) -> Vec<OutboxRow> {
         std::mem::take(&mut self.staged)
     }
@@ -248,18 +258,13 @@ pub trait Handler: Send + Sync + 'static {
 pub struct BatchWork<'a> {
     tx: &'a mut Tx,
     outbox: &'a Outbox,
-    staged: Vec<OutboxRow>,
+    staged: &'a mut Vec<OutboxRow>,
 }
 
 impl<'a> BatchWork<'a> {
-    /// A batch unit of work inside `tx` (the runner builds these; public for handler tests,
-    /// which call [`BatchWork::flush`] before committing).
-    pub fn new(tx: &'a mut Tx, outbox: &'a Outbox) -> Self {
-        Self {
-            tx,
-            outbox,
-            staged: Vec::new(),
-        }
+    /// A batch unit of work inside `tx`, emitting into `staged` (the runner builds these).
+    pub fn new(tx: &'a mut Tx, outbox: &'a Outbox, staged: &'a mut Vec<OutboxRow>) -> Self {
+        Self { tx, outbox, staged }
     }
 
     /// The transaction.
@@ -281,7 +286,7 @@ impl<'a> BatchWork<'a> {
 
     /// Writes the emitted events into the outbox now (the runner does this for its batch).
     pub async fn flush(&mut self) -> Result<(), StoreError> {
-        let rows = std::mem::take(&mut self.staged);
+        let rows = std::mem::take(self.staged);
         Outbox::insert(self.tx, &rows).await
     }
 }
@@ -767,7 +772,8 @@ async fn apply_batch<H: Handler>(
             done.push((*i, (Outcome::Duplicate, false)));
         }
     }
-    let mut work = BatchWork::new(&mut tx, &shared.outbox);
+    let mut staged = Vec::new();
+    let mut work = BatchWork::new(&mut tx, &shared.outbox, &mut staged);
     let span = tracing::info_span!("handle_batch", consumer, messages = batch.len());
     shared
         .handler
