@@ -130,8 +130,10 @@ impl std::fmt::Display for HandlerError {
 }
 
 impl From<StoreError> for HandlerError {
+    /// Transient when retrying may help: the database was busy or unreachable, or a concurrent
+    /// writer inserted the same key first (a retry reads its row and decides again).
     fn from(e: StoreError) -> Self {
-        if e.is_transient() {
+        if e.is_transient() || e.is_unique_violation() {
             Self::transient(e)
         } else {
             Self::permanent(e)

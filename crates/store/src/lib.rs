@@ -32,6 +32,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a unique or primary key constraint refused a row: often a concurrent writer that
+    /// got there first, so a retry will see its row.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            Self::Sqlx(sqlx::Error::Database(db)) => {
+                // PostgreSQL unique_violation; SQLite SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE.
+                db.code()
+                    .is_some_and(|c| matches!(c.as_ref(), "23505" | "1555" | "2067"))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether retrying later may succeed (busy, locked, connection lost, deadlock...).
     pub fn is_transient(&self) -> bool {
         match self {
@@ -77,6 +90,22 @@ pub fn placeholders(start: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// For an `UPDATE … SET col = CASE key WHEN … END WHERE key IN (…)` over `n` rows whose
+/// `(key, value)` parameters are bound in pairs from `$start`: returns the `WHEN $k THEN $v`
+/// list and the `IN` list of keys. One statement then sets a different value per row on both
+/// SQLite and PostgreSQL.
+pub fn case_when(start: usize, n: usize) -> (String, String) {
+    use std::fmt::Write as _;
+    let mut whens = String::new();
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let (key, value) = (start + 2 * i, start + 2 * i + 1);
+        let _ = write!(whens, " WHEN ${key} THEN ${value}");
+        keys.push(format!("${key}"));
+    }
+    (whens, keys.join(", "))
+}
+
 /// Microseconds since the Unix epoch, the representation of every timestamp column.
 pub fn now_micros() -> i64 {
     to_micros(time::OffsetDateTime::now_utc())
@@ -109,6 +138,17 @@ mod tests {
         assert!(transient_code("40001"));
         assert!(!transient_code("23503"));
         assert!(!transient_code("23505"));
+    }
+
+    #[test]
+    fn case_lists() {
+        assert_eq!(
+            case_when(2, 2),
+            (
+                " WHEN $2 THEN $3 WHEN $4 THEN $5".to_owned(),
+                "$2, $4".to_owned()
+            )
+        );
     }
 
     #[test]

@@ -85,6 +85,7 @@ async fn unique_violations_are_not_transient(db: TestDb) {
         .await
         .unwrap_err();
     assert!(!orderflow_store::is_transient(&err), "{err}");
+    assert!(orderflow_store::StoreError::Sqlx(err).is_unique_violation());
 }
 
 on_every_backend!(

@@ -8,16 +8,23 @@
 //!
 //! One reservation per order is the domain guard beside the inbox: an order already decided
 //! on is never reserved twice, whatever is redelivered or replayed.
+//!
+//! Each handler applies a whole batch with a fixed number of set-based statements (read the
+//! batch's reservations and stock, decide in memory message after message, then one statement
+//! per table), because on SQLite each statement is a round trip; a single message is a batch
+//! of one, so there is one code path.
 
-use orderflow_contracts::OrderId;
+use std::collections::{BTreeMap, BTreeSet};
+
 use orderflow_contracts::events::{
     OrderCancelled, OrderCreated, PaymentCompleted, PaymentFailed, ReleaseReason,
     ReservationCommitted, ReservationReleased, StockRejected, StockReserved,
 };
-use orderflow_messaging::{Handler, HandlerError, Incoming, Work};
+use orderflow_contracts::{OrderId, ProductId, Quantity};
+use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, Work};
 
 use crate::domain::{self, Decision, ReservationStatus};
-use crate::store::{self, ReserveError, Transition};
+use crate::store::{self, Move, ReservationRow};
 
 /// Reservation outcomes, by `outcome` (`reserved`, `rejected`).
 pub const RESERVATIONS_TOTAL: &str = "orderflow_inventory_reservations_total";
@@ -35,6 +42,32 @@ orderflow_contracts::inbound! {
     pub enum PaymentEvent {
         Completed(PaymentCompleted),
         Failed(PaymentFailed),
+    }
+}
+
+/// Units per product, summed over a batch's lines.
+#[derive(Debug, Default)]
+struct Deltas(BTreeMap<ProductId, i64>);
+
+impl Deltas {
+    fn add<'a>(&mut self, lines: impl IntoIterator<Item = (&'a ProductId, Quantity)>) {
+        for (product, quantity) in lines {
+            *self.0.entry(product.clone()).or_default() += i64::from(quantity.get());
+        }
+    }
+
+    /// Moves the units; fewer products moved than asked means another replica changed the
+    /// stock since it was read: the batch is retried (its messages one by one, re-reading).
+    async fn apply(&self, work: &mut BatchWork<'_>, how: Move) -> Result<(), HandlerError> {
+        let moved = store::move_stock(work.conn(), &self.0, how).await?;
+        if moved == self.0.len() {
+            Ok(())
+        } else {
+            Err(HandlerError::transient(format!(
+                "stock changed concurrently ({how:?}: {moved} of {} products)",
+                self.0.len()
+            )))
+        }
     }
 }
 
@@ -56,100 +89,144 @@ impl Handler for OrdersHandler {
         msg: &Incoming<OrderEvent>,
         (): (),
     ) -> Result<(), HandlerError> {
-        match &msg.event {
-            OrderEvent::Created(event) => reserve(work, event).await,
-            OrderEvent::Cancelled(event) => release_cancelled(work, event).await,
+        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        work: &mut BatchWork<'_>,
+        batch: &[(&Incoming<OrderEvent>, ())],
+    ) -> Result<(), HandlerError> {
+        // Orders are decided in message order; a cancellation (rare) ends a run of creations.
+        let mut created = Vec::new();
+        for (msg, ()) in batch {
+            match &msg.event {
+                OrderEvent::Created(event) => created.push((*msg, event)),
+                OrderEvent::Cancelled(event) => {
+                    reserve(work, &std::mem::take(&mut created)).await?;
+                    release_cancelled(work, msg, event).await?;
+                }
+            }
         }
+        reserve(work, &created).await
     }
 }
 
-async fn reserve(work: &mut Work<'_>, event: &OrderCreated) -> Result<(), HandlerError> {
-    if let Some(status) = store::reservation_status(work.conn(), event.order_id).await? {
-        tracing::info!(
-            status = status.as_str(),
-            "order already decided on; nothing to do"
-        );
+/// Reserves for new orders, all lines of an order or none, with the stock as it evolves
+/// through the batch.
+async fn reserve(
+    work: &mut BatchWork<'_>,
+    created: &[(&Incoming<OrderEvent>, &OrderCreated)],
+) -> Result<(), HandlerError> {
+    if created.is_empty() {
         return Ok(());
     }
-    let products: Vec<_> = event.lines.iter().map(|l| &l.product_id).collect();
-    let levels = store::stock_levels(work.conn(), &products).await?;
-    match domain::decide(&event.lines, &levels) {
-        Decision::Reserve { lines, total } => {
-            match store::reserve(work.conn(), event.order_id, &lines, total).await {
-                Ok(()) => {}
-                Err(ReserveError::StockChanged(product)) => {
-                    // Another replica reserved the same stock between our read and write; the
-                    // savepoint undoes our partial updates and the retry decides afresh.
-                    return Err(HandlerError::transient(format!(
-                        "stock of {product} changed concurrently"
-                    )));
-                }
-                Err(ReserveError::Store(e)) => return Err(e.into()),
-            }
-            work.emit(&StockReserved {
-                order_id: event.order_id,
-                customer_id: event.customer_id.clone(),
-                payment_method: event.payment_method.clone(),
-                lines,
-                total,
-            })
-            .await?;
-            metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "reserved").increment(1);
-            tracing::info!(total = %total, "stock reserved");
+    let ids: Vec<OrderId> = created.iter().map(|(_, e)| e.order_id).collect();
+    let mut decided = store::decided(work.conn(), &ids).await?;
+    let products: BTreeSet<&ProductId> = created
+        .iter()
+        .flat_map(|(_, e)| e.lines.iter().map(|l| &l.product_id))
+        .collect();
+    let products: Vec<&ProductId> = products.into_iter().collect();
+    let mut levels = store::stock_levels(work.conn(), &products).await?;
+    let mut deltas = Deltas::default();
+    let mut rows = Vec::new();
+    for (msg, event) in created {
+        if !decided.insert(event.order_id) {
+            tracing::info!(order_id = %event.order_id, "order already decided on; nothing to do");
+            continue;
         }
-        Decision::Reject { reason, lines } => {
-            store::insert_reservation(
-                work.conn(),
-                event.order_id,
-                ReservationStatus::Rejected,
-                None,
-            )
-            .await?;
-            work.emit(&StockRejected {
-                order_id: event.order_id,
-                reason,
-                lines,
-            })
-            .await?;
-            metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "rejected").increment(1);
-            tracing::info!(reason = ?reason, "stock rejected");
+        match domain::decide(&event.lines, &levels) {
+            Decision::Reserve { lines, total } => {
+                for line in &lines {
+                    if let Some(level) = levels.get_mut(&line.product_id) {
+                        level.available -= u64::from(line.quantity.get());
+                    }
+                }
+                deltas.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
+                work.emit(
+                    &msg.meta,
+                    &StockReserved {
+                        order_id: event.order_id,
+                        customer_id: event.customer_id.clone(),
+                        payment_method: event.payment_method.clone(),
+                        lines: lines.clone(),
+                        total,
+                    },
+                );
+                metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "reserved").increment(1);
+                rows.push(ReservationRow {
+                    order_id: event.order_id,
+                    status: ReservationStatus::Reserved,
+                    total: Some(total),
+                    lines,
+                });
+            }
+            Decision::Reject { reason, lines } => {
+                work.emit(
+                    &msg.meta,
+                    &StockRejected {
+                        order_id: event.order_id,
+                        reason,
+                        lines,
+                    },
+                );
+                metrics::counter!(RESERVATIONS_TOTAL, "outcome" => "rejected").increment(1);
+                tracing::info!(order_id = %event.order_id, reason = ?reason, "stock rejected");
+                rows.push(ReservationRow {
+                    order_id: event.order_id,
+                    status: ReservationStatus::Rejected,
+                    total: None,
+                    lines: Vec::new(),
+                });
+            }
         }
     }
+    deltas.apply(work, Move::Reserve).await?;
+    store::insert_reservations(work.conn(), &rows).await?;
     Ok(())
 }
 
 async fn release_cancelled(
-    work: &mut Work<'_>,
+    work: &mut BatchWork<'_>,
+    msg: &Incoming<OrderEvent>,
     event: &OrderCancelled,
 ) -> Result<(), HandlerError> {
-    let transition = match store::reservation_status(work.conn(), event.order_id).await? {
+    let order_id = event.order_id;
+    let current = store::reservations(work.conn(), &[order_id])
+        .await?
+        .remove(&order_id);
+    let (how, lines) = match current {
         None => {
             // Cancelled before we saw it: a tombstone makes a late orders.created a no-op.
-            store::insert_reservation(
-                work.conn(),
-                event.order_id,
-                ReservationStatus::Cancelled,
-                None,
-            )
-            .await?;
+            let tombstone = ReservationRow {
+                order_id,
+                status: ReservationStatus::Cancelled,
+                total: None,
+                lines: Vec::new(),
+            };
+            store::insert_reservations(work.conn(), &[tombstone]).await?;
             return Ok(());
         }
-        Some(ReservationStatus::Reserved) => Transition::ReleaseReserved,
+        Some((ReservationStatus::Reserved, lines)) => (Move::ReleaseReserved, lines),
         // Paid, then cancelled (the saga deadline won the race): the goods go back to stock,
         // the payment service refunds the charge.
-        Some(ReservationStatus::Committed) => Transition::ReleaseCommitted,
+        Some((ReservationStatus::Committed, lines)) => (Move::ReleaseCommitted, lines),
         Some(_) => return Ok(()),
     };
-    let Some(lines) = store::transition(work.conn(), event.order_id, transition).await? else {
-        return Err(changed_concurrently(event.order_id));
-    };
-    work.emit(&ReservationReleased {
-        order_id: event.order_id,
-        reason: ReleaseReason::OrderCancelled,
-        lines,
-    })
-    .await?;
-    tracing::info!("reservation released: order cancelled");
+    let mut deltas = Deltas::default();
+    deltas.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
+    deltas.apply(work, how).await?;
+    store::set_statuses(work.conn(), &[(order_id, ReservationStatus::Released)]).await?;
+    work.emit(
+        &msg.meta,
+        &ReservationReleased {
+            order_id,
+            reason: ReleaseReason::OrderCancelled,
+            lines,
+        },
+    );
+    tracing::info!(%order_id, "reservation released: order cancelled");
     Ok(())
 }
 
@@ -171,47 +248,55 @@ impl Handler for PaymentsHandler {
         msg: &Incoming<PaymentEvent>,
         (): (),
     ) -> Result<(), HandlerError> {
-        let (order_id, paid) = match &msg.event {
+        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        work: &mut BatchWork<'_>,
+        batch: &[(&Incoming<PaymentEvent>, ())],
+    ) -> Result<(), HandlerError> {
+        let outcome = |msg: &Incoming<PaymentEvent>| match &msg.event {
             PaymentEvent::Completed(e) => (e.order_id, true),
             PaymentEvent::Failed(e) => (e.order_id, false),
         };
-        let status = store::reservation_status(work.conn(), order_id).await?;
-        if status != Some(ReservationStatus::Reserved) {
-            // Already committed/released (a cancelled order, a replay): nothing held to move.
-            tracing::info!(
-                status = status.map_or("none", ReservationStatus::as_str),
-                "no reservation to settle"
-            );
-            return Ok(());
+        let ids: Vec<OrderId> = batch.iter().map(|(m, ())| outcome(m).0).collect();
+        let mut current = store::reservations(work.conn(), &ids).await?;
+        let (mut commit, mut release) = (Deltas::default(), Deltas::default());
+        let mut statuses = Vec::new();
+        for (msg, ()) in batch {
+            let (order_id, paid) = outcome(msg);
+            let Some((status, lines)) = current.get_mut(&order_id) else {
+                tracing::info!(%order_id, "no reservation to settle");
+                continue;
+            };
+            if *status != ReservationStatus::Reserved {
+                // Already committed/released (a cancelled order, a replay): nothing held.
+                tracing::info!(%order_id, status = status.as_str(), "no reservation to settle");
+                continue;
+            }
+            let lines = lines.clone();
+            if paid {
+                commit.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
+                *status = ReservationStatus::Committed;
+                work.emit(&msg.meta, &ReservationCommitted { order_id, lines });
+            } else {
+                release.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
+                *status = ReservationStatus::Released;
+                work.emit(
+                    &msg.meta,
+                    &ReservationReleased {
+                        order_id,
+                        reason: ReleaseReason::PaymentFailed,
+                        lines,
+                    },
+                );
+            }
+            statuses.push((order_id, *status));
         }
-        let transition = if paid {
-            Transition::Commit
-        } else {
-            Transition::ReleaseReserved
-        };
-        let Some(lines) = store::transition(work.conn(), order_id, transition).await? else {
-            return Err(changed_concurrently(order_id));
-        };
-        if paid {
-            work.emit(&ReservationCommitted { order_id, lines }).await?;
-            tracing::info!("reservation committed");
-        } else {
-            work.emit(&ReservationReleased {
-                order_id,
-                reason: ReleaseReason::PaymentFailed,
-                lines,
-            })
-            .await?;
-            tracing::info!("reservation released: payment failed");
-        }
+        commit.apply(work, Move::Commit).await?;
+        release.apply(work, Move::ReleaseReserved).await?;
+        store::set_statuses(work.conn(), &statuses).await?;
         Ok(())
     }
-}
-
-/// Another transaction moved the order's reservation between our read and our update: retry,
-/// and the next delivery decides on what it finds then.
-fn changed_concurrently(order_id: OrderId) -> HandlerError {
-    HandlerError::transient(format!(
-        "reservation of order {order_id} changed concurrently"
-    ))
 }

@@ -4,11 +4,11 @@
 //! `committed` (or adds to `available` and `restocked`), so the invariant
 //! `available + reserved + committed = initial + restocked` holds after every statement.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use orderflow_contracts::events::{OrderLine, PricedLine};
 use orderflow_contracts::{Currency, Money, OrderId, ProductId, Quantity};
-use orderflow_store::{AssertSqlSafe, Db, StoreError, now_micros, placeholders};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, case_when, now_micros, placeholders};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
@@ -33,23 +33,6 @@ pub struct Product {
     pub initial: i64,
     /// Units added since.
     pub restocked: i64,
-}
-
-/// Why a reservation could not be written although the decision said it could.
-#[derive(Debug, thiserror::Error)]
-pub enum ReserveError {
-    /// Another order took the stock between the read and the write (a concurrent replica).
-    #[error("stock of {0} changed concurrently")]
-    StockChanged(String),
-    /// The database failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<sqlx::Error> for ReserveError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Store(e.into())
-    }
 }
 
 const PRODUCT_COLUMNS: &str = "product_id, name, unit_price_minor, currency, available, reserved, committed, initial, restocked";
@@ -196,19 +179,6 @@ pub async fn restock(
     get_product(db, id).await
 }
 
-/// The reservation status of an order, if the service has decided on it.
-pub async fn reservation_status(
-    conn: &mut AnyConnection,
-    order_id: OrderId,
-) -> Result<Option<ReservationStatus>, StoreError> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
-            .bind(order_id.to_string())
-            .fetch_optional(conn)
-            .await?;
-    Ok(status.as_deref().and_then(ReservationStatus::parse))
-}
-
 /// Price and availability of the given products (unknown ones are absent).
 pub async fn stock_levels(
     conn: &mut AnyConnection,
@@ -249,165 +219,221 @@ pub async fn stock_levels(
     Ok(out)
 }
 
-/// Moves each line's units from available to reserved and records the reservation. Each update
-/// re-checks availability, so a concurrent reservation on another replica can never oversell:
-/// if one lost the race the whole reservation fails (the caller's savepoint undoes the rest).
-pub async fn reserve(
+/// The orders among `orders` the service has already decided on.
+pub async fn decided(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    lines: &[PricedLine],
-    total: Money,
-) -> Result<(), ReserveError> {
-    let now = now_micros();
-    for line in lines {
-        let q = i64::from(line.quantity.get());
-        let n = sqlx::query(
-            "UPDATE products SET available = available - $2, reserved = reserved + $2, updated_at = $3 \
-             WHERE product_id = $1 AND available >= $2",
-        )
-        .bind(line.product_id.as_str())
-        .bind(q)
-        .bind(now)
-        .execute(&mut *conn)
+    orders: &[OrderId],
+) -> Result<HashSet<OrderId>, StoreError> {
+    if orders.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT order_id FROM reservations WHERE order_id IN ({})",
+        placeholders(1, orders.len())
+    );
+    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+    for o in orders {
+        query = query.bind(o.to_string());
+    }
+    Ok(query
+        .fetch_all(conn)
         .await?
-        .rows_affected();
-        if n != 1 {
-            return Err(ReserveError::StockChanged(line.product_id.to_string()));
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect())
+}
+
+/// Where units move, for [`move_stock`]: from one column to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// available → reserved.
+    Reserve,
+    /// reserved → committed.
+    Commit,
+    /// reserved → available.
+    ReleaseReserved,
+    /// committed → available.
+    ReleaseCommitted,
+}
+
+impl Move {
+    const fn columns(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Reserve => ("available", "reserved"),
+            Self::Commit => ("reserved", "committed"),
+            Self::ReleaseReserved => ("reserved", "available"),
+            Self::ReleaseCommitted => ("committed", "available"),
         }
     }
-    insert_reservation(conn, order_id, ReservationStatus::Reserved, Some(total)).await?;
-    let rows: Vec<String> = (0..lines.len())
-        .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+}
+
+/// Moves units of many products at once, one statement: `deltas` maps a product to the units
+/// it moves. A product without enough units in the source column is not touched; the result
+/// is how many products moved, so a caller can tell a concurrent change (fewer than asked).
+pub async fn move_stock(
+    conn: &mut AnyConnection,
+    deltas: &BTreeMap<ProductId, i64>,
+    how: Move,
+) -> Result<usize, StoreError> {
+    if deltas.is_empty() {
+        return Ok(0);
+    }
+    let (from, to) = how.columns();
+    let (case, ids) = case_when(2, deltas.len());
+    // Column names come from `Move`; only generated placeholders are interpolated besides.
+    let sql = format!(
+        "UPDATE products SET {from} = {from} - CASE product_id{case} END, \
+         {to} = {to} + CASE product_id{case} END, updated_at = $1 \
+         WHERE product_id IN ({ids}) AND {from} >= CASE product_id{case} END"
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for (product, units) in deltas {
+        query = query.bind(product.as_str()).bind(*units);
+    }
+    Ok(query.execute(conn).await?.rows_affected() as usize)
+}
+
+/// A reservation row to insert.
+#[derive(Debug, Clone)]
+pub struct ReservationRow {
+    /// The order.
+    pub order_id: OrderId,
+    /// Its status.
+    pub status: ReservationStatus,
+    /// What the reserved lines cost (reserved orders only).
+    pub total: Option<Money>,
+    /// The reserved lines.
+    pub lines: Vec<PricedLine>,
+}
+
+/// Inserts reservations and their lines: one statement for each table.
+pub async fn insert_reservations(
+    conn: &mut AnyConnection,
+    rows: &[ReservationRow],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> = (0..rows.len())
+        .map(|i| {
+            format!(
+                "(${}, ${}, ${}, ${}, $1, $1)",
+                4 * i + 2,
+                4 * i + 3,
+                4 * i + 4,
+                4 * i + 5
+            )
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO reservations (order_id, status, total_minor, currency, created_at, updated_at) VALUES {}",
+        values.join(", ")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for r in rows {
+        query = query
+            .bind(r.order_id.to_string())
+            .bind(r.status.as_str())
+            .bind(r.total.map(|t| t.amount_minor))
+            .bind(r.total.map(|t| t.currency.as_str().to_owned()));
+    }
+    query.execute(&mut *conn).await?;
+
+    let lines: Vec<(OrderId, &PricedLine)> = rows
+        .iter()
+        .flat_map(|r| r.lines.iter().map(move |l| (r.order_id, l)))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let values: Vec<String> = (0..lines.len())
+        .map(|i| {
+            format!(
+                "(${}, ${}, ${}, ${})",
+                4 * i + 1,
+                4 * i + 2,
+                4 * i + 3,
+                4 * i + 4
+            )
+        })
         .collect();
     let sql = format!(
         "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) VALUES {}",
-        rows.join(", ")
+        values.join(", ")
     );
-    // Only generated placeholders are interpolated; every value is bound.
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(order_id.to_string());
-    for line in lines {
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for (order_id, l) in lines {
         query = query
-            .bind(line.product_id.as_str())
-            .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.amount_minor);
+            .bind(order_id.to_string())
+            .bind(l.product_id.as_str())
+            .bind(i64::from(l.quantity.get()))
+            .bind(l.unit_price.amount_minor);
     }
-    query.execute(&mut *conn).await?;
+    query.execute(conn).await?;
     Ok(())
 }
 
-/// Records an order the service decided on without holding stock (rejected, or cancelled
-/// before it was reserved).
-pub async fn insert_reservation(
+/// The reservations of `orders` with their lines, in one query.
+pub async fn reservations(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    status: ReservationStatus,
-    total: Option<Money>,
-) -> Result<(), StoreError> {
-    let now = now_micros();
-    sqlx::query(
-        "INSERT INTO reservations (order_id, status, total_minor, currency, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $5)",
-    )
-    .bind(order_id.to_string())
-    .bind(status.as_str())
-    .bind(total.map(|t| t.amount_minor))
-    .bind(total.map(|t| t.currency.as_str().to_owned()))
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The lines of an order's reservation.
-async fn reservation_lines(
-    conn: &mut AnyConnection,
-    order_id: OrderId,
-) -> Result<Vec<OrderLine>, StoreError> {
-    let rows = sqlx::query("SELECT product_id, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY product_id")
-        .bind(order_id.to_string())
-        .fetch_all(conn)
-        .await?;
-    let mut lines = Vec::with_capacity(rows.len());
-    for row in rows {
-        let product: String = row.try_get("product_id")?;
-        let quantity: i64 = row.try_get("quantity")?;
-        if let (Ok(product_id), Ok(quantity)) = (
-            ProductId::parse(product),
-            Quantity::new(u32::try_from(quantity).unwrap_or(0)),
-        ) {
-            lines.push(OrderLine {
+    orders: &[OrderId],
+) -> Result<HashMap<OrderId, (ReservationStatus, Vec<OrderLine>)>, StoreError> {
+    let mut out: HashMap<OrderId, (ReservationStatus, Vec<OrderLine>)> = HashMap::new();
+    if orders.is_empty() {
+        return Ok(out);
+    }
+    let sql = format!(
+        "SELECT r.order_id, r.status, l.product_id, l.quantity FROM reservations r \
+         LEFT JOIN reservation_lines l ON l.order_id = r.order_id \
+         WHERE r.order_id IN ({}) ORDER BY r.order_id, l.product_id",
+        placeholders(1, orders.len())
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for o in orders {
+        query = query.bind(o.to_string());
+    }
+    for row in query.fetch_all(conn).await? {
+        let order: String = row.try_get("order_id")?;
+        let status: String = row.try_get("status")?;
+        let (Ok(order), Some(status)) =
+            (order.parse::<OrderId>(), ReservationStatus::parse(&status))
+        else {
+            continue;
+        };
+        let entry = out.entry(order).or_insert_with(|| (status, Vec::new()));
+        let product: Option<String> = row.try_get("product_id")?;
+        let quantity: Option<i64> = row.try_get("quantity")?;
+        if let (Some(product), Some(quantity)) = (product, quantity)
+            && let (Ok(product_id), Ok(quantity)) = (
+                ProductId::parse(product),
+                Quantity::new(u32::try_from(quantity).unwrap_or(0)),
+            )
+        {
+            entry.1.push(OrderLine {
                 product_id,
                 quantity,
             });
         }
     }
-    Ok(lines)
+    Ok(out)
 }
 
-/// Where a reservation's units move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    /// reserved → committed (paid).
-    Commit,
-    /// reserved → available (payment failed or order cancelled).
-    ReleaseReserved,
-    /// committed → available (an order cancelled after it was paid; the payment is refunded).
-    ReleaseCommitted,
-}
-
-/// Moves an order's reserved or committed units and sets the reservation's new status, if the
-/// reservation is still in the status the transition starts from. Returns the lines moved, or
-/// `None` when another transaction changed the reservation first (nothing is moved then).
-///
-/// The status moves first, with a condition on the old status: the caller read the status
-/// before, and on PostgreSQL (read committed) another transaction — a payment outcome and a
-/// cancellation of the same order handled at once by two consumers, or two replicas — may have
-/// moved it since. This `UPDATE` waits for that transaction, then matches nothing, so the units
-/// are never moved twice.
-pub async fn transition(
+/// Sets the status of many reservations, one statement.
+pub async fn set_statuses(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    transition: Transition,
-) -> Result<Option<Vec<OrderLine>>, StoreError> {
-    let (update, from, to) = match transition {
-        Transition::Commit => (
-            "UPDATE products SET reserved = reserved - $2, committed = committed + $2, updated_at = $3 WHERE product_id = $1",
-            ReservationStatus::Reserved,
-            ReservationStatus::Committed,
-        ),
-        Transition::ReleaseReserved => (
-            "UPDATE products SET reserved = reserved - $2, available = available + $2, updated_at = $3 WHERE product_id = $1",
-            ReservationStatus::Reserved,
-            ReservationStatus::Released,
-        ),
-        Transition::ReleaseCommitted => (
-            "UPDATE products SET committed = committed - $2, available = available + $2, updated_at = $3 WHERE product_id = $1",
-            ReservationStatus::Committed,
-            ReservationStatus::Released,
-        ),
-    };
-    let now = now_micros();
-    let moved = sqlx::query(
-        "UPDATE reservations SET status = $2, updated_at = $3 WHERE order_id = $1 AND status = $4",
-    )
-    .bind(order_id.to_string())
-    .bind(to.as_str())
-    .bind(now)
-    .bind(from.as_str())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if moved != 1 {
-        return Ok(None);
+    statuses: &[(OrderId, ReservationStatus)],
+) -> Result<(), StoreError> {
+    if statuses.is_empty() {
+        return Ok(());
     }
-    let lines = reservation_lines(&mut *conn, order_id).await?;
-    for line in &lines {
-        sqlx::query(update)
-            .bind(line.product_id.as_str())
-            .bind(i64::from(line.quantity.get()))
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+    let (case, ids) = case_when(2, statuses.len());
+    let sql = format!(
+        "UPDATE reservations SET status = CASE order_id{case} END, updated_at = $1 WHERE order_id IN ({ids})"
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for (order, status) in statuses {
+        query = query.bind(order.to_string()).bind(status.as_str());
     }
-    Ok(Some(lines))
+    query.execute(conn).await?;
+    Ok(())
 }
