@@ -1,15 +1,36 @@
-//! What the order service does with the events it consumes: record them in the order's
-//! timeline and let the first outcome finish the order ([`crate::saga`]).
+//! What the order service does with the events it consumes: record each in its order's
+//! timeline, record the priced total (`inventory.reserved`), and let the first outcome finish
+//! the order ([`crate::saga`]).
+//!
+//! Every statement is a round trip to the database, so a batch of messages is applied with a
+//! fixed number of set-based statements, whatever its size; a message applied alone (the
+//! runner's fallback after a failed batch) is a batch of one, so both paths run one piece of
+//! code. For a batch, in this order:
+//!
+//! 1. one `UPDATE … CASE` records the totals, `RETURNING` the orders that exist;
+//! 2. one `UPDATE … CASE … WHERE status = 'pending' RETURNING` moves the orders the outcomes
+//!    finish: the first outcome of an order in the batch wins, as if the messages were applied
+//!    one by one; the terminal events are emitted for exactly the orders it returns;
+//! 3. one `SELECT` tells which of the other orders exist — only when 1 and 2 left some unknown;
+//! 4. one multi-row `INSERT` writes the timeline of the orders that exist: each incoming event,
+//!    followed by the terminal event it caused, in batch order.
+//!
+//! A statement with nothing to do is not sent: a batch of `payments.completed` for pending
+//! orders costs two statements, one of `inventory.reserved` two as well.
+
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 
 use orderflow_contracts::events::{
     PaymentCompleted, PaymentFailed, PaymentRefunded, StockRejected, StockReserved,
 };
-use orderflow_contracts::{Event, OrderId};
-use orderflow_messaging::{Handler, HandlerError, Incoming, Work};
-use serde_json::json;
+use orderflow_contracts::{Event, Inbound, Money, OrderId};
+use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, Work};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
 
 use crate::saga::{self, Outcome, Terminal};
-use crate::store;
+use crate::store::{self, TimelineRow};
 
 orderflow_contracts::inbound! {
     /// What the order service reads from `INVENTORY`.
@@ -28,125 +49,189 @@ orderflow_contracts::inbound! {
     }
 }
 
-/// Handles the inventory's decisions.
-#[derive(Debug, Clone, Default)]
-pub struct InventoryHandler;
+/// What a consumed event does to its order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effect {
+    /// The order.
+    pub order_id: OrderId,
+    /// The event's subject, for the order's timeline.
+    pub subject: &'static str,
+    /// What the event says that matters to the order, for its timeline.
+    pub detail: Value,
+    /// The priced total to record.
+    pub total: Option<Money>,
+    /// The outcome that finishes the order, if it is still pending.
+    pub outcome: Option<Outcome>,
+}
 
-impl Handler for InventoryHandler {
-    type Input = InventoryEvent;
-    type Prepared = ();
+/// An event about an order that the order service consumes.
+pub trait OrderEvent: Inbound + Sync + std::fmt::Debug {
+    /// What the event does to its order.
+    fn effect(&self) -> Effect;
+}
 
-    async fn prepare(&self, _: &Incoming<InventoryEvent>) -> Result<(), HandlerError> {
-        Ok(())
+impl OrderEvent for InventoryEvent {
+    fn effect(&self) -> Effect {
+        match self {
+            Self::Reserved(e) => Effect {
+                total: Some(e.total),
+                ..Effect::timeline(e, json!({ "total": e.total }))
+            },
+            Self::Rejected(e) => Effect {
+                outcome: Some(Outcome::Cancel(e.reason.into())),
+                ..Effect::timeline(e, json!({ "reason": e.reason, "lines": e.lines }))
+            },
+        }
     }
+}
 
-    async fn handle(
-        &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<InventoryEvent>,
-        (): (),
-    ) -> Result<(), HandlerError> {
-        match &msg.event {
-            InventoryEvent::Reserved(e) => {
-                record(
-                    work,
-                    msg,
-                    e.order_id,
-                    StockReserved::SUBJECT,
-                    json!({ "total": e.total }),
-                )
-                .await?;
-                store::set_total(work.conn(), e.order_id, e.total).await?;
-                Ok(())
-            }
-            InventoryEvent::Rejected(e) => {
-                let detail = json!({ "reason": e.reason, "lines": e.lines });
-                record(work, msg, e.order_id, StockRejected::SUBJECT, detail).await?;
-                conclude(work, e.order_id, Outcome::Cancel(e.reason.into())).await
+impl OrderEvent for PaymentEvent {
+    fn effect(&self) -> Effect {
+        match self {
+            Self::Completed(e) => Effect {
+                outcome: Some(Outcome::Paid(e.amount)),
+                ..Effect::timeline(e, json!({ "amount": e.amount, "payment_id": e.payment_id }))
+            },
+            Self::Failed(e) => Effect {
+                outcome: Some(Outcome::Cancel(e.reason.into())),
+                ..Effect::timeline(e, json!({ "reason": e.reason, "detail": e.detail }))
+            },
+            Self::Refunded(e) => {
+                Effect::timeline(e, json!({ "amount": e.amount, "payment_id": e.payment_id }))
             }
         }
     }
 }
+
+impl Effect {
+    /// Only a timeline entry for `event`.
+    fn timeline<E: Event>(event: &E, detail: Value) -> Self {
+        Self {
+            order_id: event.order_id(),
+            subject: E::SUBJECT,
+            detail,
+            total: None,
+            outcome: None,
+        }
+    }
+}
+
+/// Handles the events of one stream about orders: [`InventoryHandler`] or [`PaymentHandler`].
+#[derive(Debug, Clone)]
+pub struct OrderEventHandler<I>(PhantomData<fn() -> I>);
+
+/// Handles the inventory's decisions.
+pub type InventoryHandler = OrderEventHandler<InventoryEvent>;
 
 /// Handles the payment outcomes.
-#[derive(Debug, Clone, Default)]
-pub struct PaymentHandler;
+pub type PaymentHandler = OrderEventHandler<PaymentEvent>;
 
-impl Handler for PaymentHandler {
-    type Input = PaymentEvent;
+impl<I> Default for OrderEventHandler<I> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<I: OrderEvent> Handler for OrderEventHandler<I> {
+    type Input = I;
     type Prepared = ();
 
-    async fn prepare(&self, _: &Incoming<PaymentEvent>) -> Result<(), HandlerError> {
+    async fn prepare(&self, _: &Incoming<I>) -> Result<(), HandlerError> {
         Ok(())
     }
 
     async fn handle(
         &self,
         work: &mut Work<'_>,
-        msg: &Incoming<PaymentEvent>,
+        msg: &Incoming<I>,
         (): (),
     ) -> Result<(), HandlerError> {
-        match &msg.event {
-            PaymentEvent::Completed(e) => {
-                let detail = json!({ "amount": e.amount, "payment_id": e.payment_id });
-                record(work, msg, e.order_id, PaymentCompleted::SUBJECT, detail).await?;
-                conclude(work, e.order_id, Outcome::Paid(e.amount)).await
-            }
-            PaymentEvent::Failed(e) => {
-                let detail = json!({ "reason": e.reason, "detail": e.detail });
-                record(work, msg, e.order_id, PaymentFailed::SUBJECT, detail).await?;
-                conclude(work, e.order_id, Outcome::Cancel(e.reason.into())).await
-            }
-            PaymentEvent::Refunded(e) => {
-                let detail = json!({ "amount": e.amount, "payment_id": e.payment_id });
-                record(work, msg, e.order_id, PaymentRefunded::SUBJECT, detail).await
-            }
+        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
+    }
+
+    async fn handle_batch(
+        &self,
+        work: &mut BatchWork<'_>,
+        batch: &[(&Incoming<I>, ())],
+    ) -> Result<(), HandlerError> {
+        // A round sees the effects of the rounds before it, as messages applied one by one
+        // would.
+        for round in batch.chunks(MESSAGES_PER_ROUND) {
+            apply(work, round).await?;
         }
+        Ok(())
     }
 }
 
-/// Adds the incoming event to the order's timeline (when the order is ours).
-async fn record<I>(
-    work: &mut Work<'_>,
-    msg: &Incoming<I>,
-    order_id: OrderId,
-    subject: &str,
-    detail: serde_json::Value,
-) -> Result<(), HandlerError> {
-    store::add_timeline(
-        work.conn(),
-        order_id,
-        subject,
-        msg.meta.id,
-        msg.meta.time,
-        &detail,
-    )
-    .await?;
-    Ok(())
-}
+/// The most messages applied by one round of statements: the largest statement then binds
+/// 2 timeline rows × 5 values a message, far below both databases' parameter limits.
+const MESSAGES_PER_ROUND: usize = 256;
 
-/// Applies an outcome and publishes the terminal event it leads to, if any.
-async fn conclude(
-    work: &mut Work<'_>,
-    order_id: OrderId,
-    outcome: Outcome,
+/// Applies `batch`, in this order, with a fixed number of statements (see the module
+/// documentation).
+async fn apply<I: OrderEvent>(
+    work: &mut BatchWork<'_>,
+    batch: &[(&Incoming<I>, ())],
 ) -> Result<(), HandlerError> {
-    let Some(terminal) = saga::finish(work.conn(), order_id, outcome).await? else {
-        return Ok(());
-    };
-    let (subject, event_id, detail) = match &terminal {
-        Terminal::Confirmed(e) => (
-            <orderflow_contracts::events::OrderConfirmed as Event>::SUBJECT,
-            work.emit(e).await?,
-            json!({ "total": e.total }),
-        ),
-        Terminal::Cancelled(e) => (
-            <orderflow_contracts::events::OrderCancelled as Event>::SUBJECT,
-            work.emit(e).await?,
-            json!({ "reason": e.reason }),
-        ),
-    };
-    let now = time::OffsetDateTime::now_utc();
-    store::add_timeline(work.conn(), order_id, subject, event_id, now, &detail).await?;
+    let effects: Vec<Effect> = batch.iter().map(|(msg, ())| msg.event.effect()).collect();
+
+    // A later total of an order replaces an earlier one, as applying them in turn would.
+    let totals: HashMap<OrderId, Money> = effects
+        .iter()
+        .filter_map(|e| Some((e.order_id, e.total?)))
+        .collect();
+    let totals: Vec<(OrderId, Money)> = totals.into_iter().collect();
+    let mut exists: HashSet<OrderId> = store::set_totals(work.conn(), &totals)
+        .await?
+        .into_iter()
+        .collect();
+
+    let outcomes: Vec<(OrderId, Outcome)> = effects
+        .iter()
+        .filter_map(|e| Some((e.order_id, e.outcome?)))
+        .collect();
+    let mut finished = saga::finish(work.conn(), &outcomes).await?;
+    exists.extend(finished.keys());
+
+    let unknown: HashSet<OrderId> = effects
+        .iter()
+        .map(|e| e.order_id)
+        .filter(|id| !exists.contains(id))
+        .collect();
+    let unknown: Vec<OrderId> = unknown.into_iter().collect();
+    exists.extend(store::existing(work.conn(), &unknown).await?);
+
+    let now = OffsetDateTime::now_utc();
+    let mut timeline = Vec::with_capacity(effects.len());
+    for ((msg, ()), effect) in batch.iter().zip(effects) {
+        if !exists.contains(&effect.order_id) {
+            continue;
+        }
+        let order_id = effect.order_id;
+        timeline.push(TimelineRow {
+            order_id,
+            event: effect.subject,
+            event_id: msg.meta.id,
+            at: msg.meta.time,
+            detail: effect.detail,
+        });
+        // The order's first outcome in the batch is the one that finished it.
+        let Some(terminal) = effect.outcome.and_then(|_| finished.remove(&order_id)) else {
+            continue;
+        };
+        let event_id = match &terminal {
+            Terminal::Confirmed(e) => work.emit(&msg.meta, e),
+            Terminal::Cancelled(e) => work.emit(&msg.meta, e),
+        };
+        let (event, detail) = terminal.timeline();
+        timeline.push(TimelineRow {
+            order_id,
+            event,
+            event_id,
+            at: now,
+            detail,
+        });
+    }
+    store::insert_timeline(work.conn(), &timeline).await?;
     Ok(())
 }

@@ -80,8 +80,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         MIGRATIONS,
     )
     .await?;
-    host.consumer(consumers::ORDER_INVENTORY, handlers::InventoryHandler)?;
-    host.consumer(consumers::ORDER_PAYMENTS, handlers::PaymentHandler)?;
+    host.consumer(
+        consumers::ORDER_INVENTORY,
+        handlers::InventoryHandler::default(),
+    )?;
+    host.consumer(
+        consumers::ORDER_PAYMENTS,
+        handlers::PaymentHandler::default(),
+    )?;
     let (db, outbox) = (host.db().clone(), host.outbox().clone());
     let (deadline, every) = (config.saga_deadline, config.saga_check_interval);
     host.background("saga deadline", move |stop| {

@@ -7,12 +7,15 @@
 //! `--saga-deadline` with reason `timed_out`; the services holding something for the order
 //! (a reservation, a payment) release it when they see `orders.cancelled`.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::Duration;
 
 use orderflow_contracts::events::{CancelReason, OrderCancelled, OrderConfirmed};
-use orderflow_contracts::{EventMeta, Money, OrderId};
+use orderflow_contracts::{Event, EventMeta, Money, OrderId};
 use orderflow_messaging::Outbox;
 use orderflow_store::{Db, StoreError};
+use serde_json::json;
 use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +39,16 @@ pub enum Terminal {
     Cancelled(OrderCancelled),
 }
 
+impl Terminal {
+    /// The order's timeline entry for this event: its subject and what it says.
+    pub fn timeline(&self) -> (&'static str, serde_json::Value) {
+        match self {
+            Self::Confirmed(e) => (OrderConfirmed::SUBJECT, json!({ "total": e.total })),
+            Self::Cancelled(e) => (OrderCancelled::SUBJECT, json!({ "reason": e.reason })),
+        }
+    }
+}
+
 /// An outcome of the saga for one order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -45,21 +58,40 @@ pub enum Outcome {
     Cancel(CancelReason),
 }
 
-/// Moves a pending order to the state `outcome` leads to, if it is still pending. Returns the
-/// event to publish, or `None` when the order is unknown or already finished.
+/// Moves pending orders to the states their outcomes lead to, in one statement, and returns the
+/// event to publish for each order that moved. `outcomes` are in the order they arrived: the
+/// first outcome wins, so only the first for each order counts — as when they are applied one
+/// by one, where a later one finds the order no longer pending. An order that is unknown or
+/// already finished is not in the answer.
 pub async fn finish(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    outcome: Outcome,
-) -> Result<Option<Terminal>, StoreError> {
-    let next = match outcome {
-        Outcome::Paid(_) => Status::Confirmed,
-        Outcome::Cancel(reason) => Status::Cancelled(reason),
-    };
-    // The first outcome wins: one statement moves the order only if it is still pending.
-    let Some(created_at) = store::finish(&mut *conn, order_id, next).await? else {
-        return Ok(None);
-    };
+    outcomes: &[(OrderId, Outcome)],
+) -> Result<HashMap<OrderId, Terminal>, StoreError> {
+    let mut first: HashMap<OrderId, Outcome> = HashMap::with_capacity(outcomes.len());
+    let mut moves = Vec::with_capacity(outcomes.len());
+    for &(order_id, outcome) in outcomes {
+        if let Entry::Vacant(slot) = first.entry(order_id) {
+            slot.insert(outcome);
+            let next = match outcome {
+                Outcome::Paid(_) => Status::Confirmed,
+                Outcome::Cancel(reason) => Status::Cancelled(reason),
+            };
+            moves.push((order_id, next));
+        }
+    }
+    // One statement moves the orders that are still pending, and only those.
+    let moved = store::finish(conn, &moves).await?;
+    Ok(moved
+        .into_iter()
+        .filter_map(|(order_id, created_at)| {
+            let outcome = *first.get(&order_id)?;
+            Some((order_id, finished(order_id, outcome, created_at)))
+        })
+        .collect())
+}
+
+/// The event for an order that `outcome` finished, with the saga's metrics recorded.
+fn finished(order_id: OrderId, outcome: Outcome, created_at: OffsetDateTime) -> Terminal {
     let (label, reason, terminal) = match outcome {
         Outcome::Cancel(reason) => (
             "cancelled",
@@ -78,12 +110,13 @@ pub async fn finish(
         .max(0.0);
     metrics::histogram!(SAGA_SECONDS, "outcome" => label).record(took);
     tracing::info!(
+        order_id = %order_id,
         outcome = label,
         reason,
         saga_seconds = took,
         "order finished"
     );
-    Ok(Some(terminal))
+    terminal
 }
 
 /// Runs the deadline sweep every `every` until `stop`.
@@ -118,19 +151,22 @@ pub async fn cancel_overdue(
     for (order_id, correlation_id) in store::overdue(db, cutoff, 500).await? {
         let mut tx = db.begin().await?;
         let outcome = Outcome::Cancel(CancelReason::TimedOut);
-        if let Some(Terminal::Cancelled(event)) = finish(&mut tx, order_id, outcome).await? {
-            let meta = EventMeta::new(&event, outbox.source(), correlation_id, None);
-            outbox.stage(&mut tx, &meta, &event).await?;
-            let detail = serde_json::json!({ "reason": event.reason });
-            store::add_timeline(
-                &mut tx,
+        if let Some(terminal) = finish(&mut tx, &[(order_id, outcome)])
+            .await?
+            .remove(&order_id)
+            && let Terminal::Cancelled(event) = &terminal
+        {
+            let meta = EventMeta::new(event, outbox.source(), correlation_id, None);
+            outbox.stage(&mut tx, &meta, event).await?;
+            let (subject, detail) = terminal.timeline();
+            let row = store::TimelineRow {
                 order_id,
-                orderflow_contracts::names::subjects::ORDER_CANCELLED,
-                meta.id,
-                meta.time,
-                &detail,
-            )
-            .await?;
+                event: subject,
+                event_id: meta.id,
+                at: meta.time,
+                detail,
+            };
+            store::insert_timeline(&mut tx, &[row]).await?;
             cancelled += 1;
         }
         tx.commit().await?;

@@ -1,7 +1,9 @@
 //! The order service's tables: orders, their lines, their timeline and idempotency keys.
 
+use std::collections::{HashMap, HashSet};
+
 use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId};
-use orderflow_store::{AssertSqlSafe, Db, StoreError, from_micros, now_micros};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 use time::OffsetDateTime;
@@ -225,29 +227,6 @@ pub async fn insert_timeline(
     Ok(())
 }
 
-/// Appends an event to an order's timeline, if the order is ours (one statement).
-pub async fn add_timeline(
-    conn: &mut AnyConnection,
-    order_id: OrderId,
-    event: &str,
-    event_id: EventId,
-    at: OffsetDateTime,
-    detail: &serde_json::Value,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) \
-         SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM orders WHERE order_id = $1)",
-    )
-    .bind(order_id.to_string())
-    .bind(event)
-    .bind(event_id.to_string())
-    .bind(orderflow_store::to_micros(at))
-    .bind(detail.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// An order's current state, for the saga's decisions.
 #[derive(Debug, Clone)]
 pub struct OrderState {
@@ -290,47 +269,105 @@ fn money(row: &sqlx::any::AnyRow) -> Result<Option<Money>, sqlx::Error> {
     })
 }
 
-/// Records the priced total of an order.
-pub async fn set_total(
+/// The orders among `ids` that exist, in one statement.
+pub async fn existing(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    total: Money,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE orders SET total_minor = $2, currency = $3, updated_at = $4 WHERE order_id = $1",
-    )
-    .bind(order_id.to_string())
-    .bind(total.amount_minor)
-    .bind(total.currency.as_str())
-    .bind(now_micros())
-    .execute(conn)
-    .await?;
-    Ok(())
+    ids: &[OrderId],
+) -> Result<HashSet<OrderId>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let sql = format!(
+        "SELECT order_id FROM orders WHERE order_id IN ({})",
+        placeholders(1, ids.len())
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(id.to_string());
+    }
+    let found: Vec<String> = query.fetch_all(conn).await?;
+    Ok(found.iter().filter_map(|id| id.parse().ok()).collect())
 }
 
-/// Moves a pending order to a terminal status in one statement. Returns when the order was
-/// placed, or `None` when it was not pending (unknown, or another outcome or another replica's
-/// deadline sweep got there first).
+/// Records the priced totals of orders (each order at most once) in one statement. Returns the
+/// orders that exist.
+pub async fn set_totals(
+    conn: &mut AnyConnection,
+    totals: &[(OrderId, Money)],
+) -> Result<Vec<OrderId>, StoreError> {
+    if totals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = update_each(totals.len(), ["total_minor", "currency"], "", "order_id");
+    let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).bind(now_micros());
+    for (order_id, total) in totals {
+        query = query
+            .bind(order_id.to_string())
+            .bind(total.amount_minor)
+            .bind(total.currency.as_str());
+    }
+    let updated: Vec<String> = query.fetch_all(conn).await?;
+    Ok(updated.iter().filter_map(|id| id.parse().ok()).collect())
+}
+
+/// Moves pending orders (each at most once) to terminal statuses in one statement. Returns when
+/// each order that moved was placed; an order that was not pending (unknown, or another outcome
+/// or another replica's deadline sweep got there first) is not in the answer.
 pub async fn finish(
     conn: &mut AnyConnection,
-    order_id: OrderId,
-    status: Status,
-) -> Result<Option<OffsetDateTime>, StoreError> {
-    let reason = match status {
-        Status::Cancelled(r) => Some(r.as_str()),
-        _ => None,
+    moves: &[(OrderId, Status)],
+) -> Result<HashMap<OrderId, OffsetDateTime>, StoreError> {
+    if moves.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = update_each(
+        moves.len(),
+        ["status", "cancel_reason"],
+        " AND status = 'pending'",
+        "order_id, created_at",
+    );
+    let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(now_micros());
+    for (order_id, status) in moves {
+        let reason = match status {
+            Status::Cancelled(r) => Some(r.as_str()),
+            _ => None,
+        };
+        query = query
+            .bind(order_id.to_string())
+            .bind(status.as_str())
+            .bind(reason);
+    }
+    let moved: Vec<(String, i64)> = query.fetch_all(conn).await?;
+    Ok(moved
+        .into_iter()
+        .filter_map(|(id, created)| Some((id.parse().ok()?, from_micros(created))))
+        .collect())
+}
+
+/// `UPDATE orders` of `n` orders in one statement, each with values of its own for `columns`:
+/// `SET a = CASE order_id WHEN $2 THEN $3 WHEN $5 THEN $6 … END, b = CASE … END, updated_at =
+/// $1 WHERE order_id IN ($2, $5, …){condition} RETURNING {returning}`. Bind the time first,
+/// then for each order its id and its two values.
+fn update_each(n: usize, columns: [&str; 2], condition: &str, returning: &str) -> String {
+    let id = |i: usize| 3 * i + 2;
+    let set = |column: usize| {
+        let whens: Vec<String> = (0..n)
+            .map(|i| format!("WHEN ${} THEN ${}", id(i), id(i) + 1 + column))
+            .collect();
+        format!(
+            "{} = CASE order_id {} END",
+            columns[column],
+            whens.join(" ")
+        )
     };
-    let created: Option<i64> = sqlx::query_scalar(
-        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = $4 \
-         WHERE order_id = $1 AND status = 'pending' RETURNING created_at",
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", id(i))).collect();
+    format!(
+        "UPDATE orders SET {}, {}, updated_at = $1 WHERE order_id IN ({}){condition} RETURNING {returning}",
+        set(0),
+        set(1),
+        ids.join(", ")
     )
-    .bind(order_id.to_string())
-    .bind(status.as_str())
-    .bind(reason)
-    .bind(now_micros())
-    .fetch_optional(conn)
-    .await?;
-    Ok(created.map(from_micros))
 }
 
 /// Pending orders placed before `cutoff` (oldest first), with their correlation ids.
@@ -479,4 +516,19 @@ pub async fn list_orders(
     }
     let rows = query.bind(limit).fetch_all(db.reader()).await?;
     Ok(rows.iter().map(order_view).collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_update_gives_each_order_its_own_values() {
+        assert_eq!(
+            update_each(2, ["a", "b"], " AND c = 1", "order_id"),
+            "UPDATE orders SET a = CASE order_id WHEN $2 THEN $3 WHEN $5 THEN $6 END, \
+             b = CASE order_id WHEN $2 THEN $4 WHEN $5 THEN $7 END, updated_at = $1 \
+             WHERE order_id IN ($2, $5) AND c = 1 RETURNING order_id"
+        );
+    }
 }

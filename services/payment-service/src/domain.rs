@@ -131,6 +131,30 @@ pub fn on_attempt(recorded: Option<PaymentStatus>, attempt: &Attempt) -> Attempt
     }
 }
 
+/// The status a decided attempt records for an order that has no payment yet: `completed` for
+/// a charge, `failed` for a decline or an unavailable payment; `None` when nothing was tried.
+pub fn recorded_status(attempt: &Attempt) -> Option<PaymentStatus> {
+    match attempt {
+        Attempt::Charged { .. } => Some(PaymentStatus::Completed),
+        Attempt::Declined { .. } | Attempt::Unavailable { .. } => Some(PaymentStatus::Failed),
+        Attempt::AlreadyRecorded { .. } => None,
+    }
+}
+
+/// The payment's status once `effect` (decided by [`on_attempt`] for `attempt` on `recorded`)
+/// is applied: what the next message about the same order finds when a batch applies several.
+pub fn status_after(
+    recorded: Option<PaymentStatus>,
+    attempt: &Attempt,
+    effect: AttemptEffect,
+) -> Option<PaymentStatus> {
+    match effect {
+        AttemptEffect::Record => recorded_status(attempt).or(recorded),
+        AttemptEffect::RefundCancelled => Some(PaymentStatus::RefundPending),
+        AttemptEffect::FlagForReconciliation | AttemptEffect::Nothing => recorded,
+    }
+}
+
 /// What a cancelled order does to its payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelEffect {
@@ -311,6 +335,66 @@ mod tests {
             AttemptEffect::FlagForReconciliation
         );
         assert_eq!(on_attempt(failed, &unavailable()), AttemptEffect::Nothing);
+    }
+
+    #[test]
+    fn a_later_attempt_finds_what_an_earlier_one_left() {
+        let declined = Attempt::Declined {
+            detail: "card_declined".into(),
+        };
+        let seen = Attempt::AlreadyRecorded { redelivered: true };
+        // Each step: the attempt, the effect it has on what the previous steps left, and the
+        // status it leaves.
+        let steps = |recorded: Option<PaymentStatus>, attempts: &[Attempt]| {
+            let mut status = recorded;
+            let mut out = Vec::new();
+            for attempt in attempts {
+                let effect = on_attempt(status, attempt);
+                status = status_after(status, attempt, effect);
+                out.push((effect, status));
+            }
+            out
+        };
+        assert_eq!(
+            steps(None, &[declined.clone(), charged(), charged()]),
+            [
+                (AttemptEffect::Record, Some(PaymentStatus::Failed)),
+                (
+                    AttemptEffect::FlagForReconciliation,
+                    Some(PaymentStatus::Failed)
+                ),
+                (
+                    AttemptEffect::FlagForReconciliation,
+                    Some(PaymentStatus::Failed)
+                ),
+            ]
+        );
+        assert_eq!(
+            steps(
+                Some(PaymentStatus::Cancelled),
+                &[seen.clone(), charged(), charged()]
+            ),
+            [
+                (
+                    AttemptEffect::FlagForReconciliation,
+                    Some(PaymentStatus::Cancelled)
+                ),
+                (
+                    AttemptEffect::RefundCancelled,
+                    Some(PaymentStatus::RefundPending)
+                ),
+                (AttemptEffect::Nothing, Some(PaymentStatus::RefundPending)),
+            ]
+        );
+        assert_eq!(
+            steps(None, &[seen, charged(), unavailable()]),
+            [
+                (AttemptEffect::Nothing, None),
+                (AttemptEffect::Record, Some(PaymentStatus::Completed)),
+                (AttemptEffect::Nothing, Some(PaymentStatus::Completed)),
+            ]
+        );
+        assert_eq!(recorded_status(&unavailable()), Some(PaymentStatus::Failed));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! - `inventory.reserved` ([`ChargeHandler`]): charge the order's total at the provider —
 //!   outside the transaction, in [`Handler::prepare`] — then, inside it, record the payment and
-//!   publish `payments.completed` or `payments.failed`.
+//!   publish `payments.completed` or `payments.failed`. A batch of messages is applied with a
+//!   constant number of statements ([`Handler::handle_batch`]); one message alone is a batch
+//!   of one, so the rules exist once.
 //! - `orders.cancelled` ([`CancelHandler`]): record a tombstone so the order is never charged,
 //!   or mark a completed payment for refund. No IO: the [`crate::reconciler`] refunds.
 //!
@@ -10,19 +12,20 @@
 //! provider is the order id, and a recorded payment is never charged again, whatever is
 //! redelivered, duplicated or replayed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use orderflow_contracts::events::{
     OrderCancelled, PaymentCompleted, PaymentFailed, PaymentFailureReason, StockReserved,
 };
-use orderflow_contracts::{OrderId, PaymentId};
-use orderflow_messaging::{Handler, HandlerError, Incoming, RetryPolicy, Work};
-use orderflow_store::Db;
+use orderflow_contracts::{EventMeta, OrderId, PaymentId};
+use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, RetryPolicy, Work};
+use orderflow_store::{Db, StoreError};
 use time::OffsetDateTime;
 
 use crate::domain::{self, Attempt, AttemptEffect, CancelEffect, Deadline, PaymentStatus};
 use crate::provider::{ChargeReply, ChargeRequest, Provider, ProviderError};
-use crate::store::{self, NewPayment};
+use crate::store::{self, CancelledCharge, Flag, NewPayment, RecordedLookup};
 
 /// Charge outcomes, by `outcome` (`completed`, `declined`, `unavailable`).
 pub const CHARGES_TOTAL: &str = "orderflow_payment_charges_total";
@@ -49,7 +52,7 @@ orderflow_contracts::inbound! {
 /// impossible then fails with reason `unavailable`.
 #[derive(Debug, Clone)]
 pub struct ChargeHandler {
-    db: Db,
+    recorded: RecordedLookup,
     provider: Provider,
     payment_deadline: Duration,
     retry: RetryPolicy,
@@ -59,7 +62,7 @@ impl ChargeHandler {
     /// A handler charging through `provider`, giving up `payment_deadline` after reservation.
     pub fn new(db: Db, provider: Provider, payment_deadline: Duration) -> Self {
         Self {
-            db,
+            recorded: RecordedLookup::new(db),
             provider,
             payment_deadline,
             retry: RetryPolicy::default(),
@@ -103,9 +106,11 @@ impl Handler for ChargeHandler {
     type Prepared = Attempt;
 
     async fn prepare(&self, msg: &Incoming<InventoryEvent>) -> Result<Attempt, HandlerError> {
-        let InventoryEvent::Reserved(event) = &msg.event;
-        // A redelivery, a duplicate or a cancelled order: never charge twice, or at all.
-        if store::exists(&self.db, event.order_id).await? {
+        let event = reservation(msg);
+        // A redelivery, a duplicate or a cancelled order: never charge twice, or at all. The
+        // messages of a batch, prepared together, share one lookup.
+        let recorded = self.recorded.is_recorded(event.order_id).await;
+        if recorded.map_err(lookup_failed)? {
             return Ok(Attempt::AlreadyRecorded {
                 redelivered: msg.delivered > 1,
             });
@@ -136,93 +141,245 @@ impl Handler for ChargeHandler {
         }
     }
 
+    /// One message: [`ChargeHandler::handle_batch`]'s rules applied to a batch of one.
     async fn handle(
         &self,
         work: &mut Work<'_>,
         msg: &Incoming<InventoryEvent>,
         attempt: Attempt,
     ) -> Result<(), HandlerError> {
-        let InventoryEvent::Reserved(event) = &msg.event;
-        let order_id = event.order_id;
-        let mut recorded = store::status(work.conn(), order_id).await?;
-        // Twice at most: an insert that loses a race with another replica re-reads what won.
+        let one = [(msg, attempt)];
+        // Twice at most: a payment another worker or replica recorded or changed between the
+        // read and the write is read again. One message writes one statement at most, so a
+        // write that did not take left nothing behind (and emitted nothing).
         for _ in 0..2 {
-            match domain::on_attempt(recorded, &attempt) {
-                AttemptEffect::Nothing => {
-                    tracing::info!(
-                        status = recorded.map_or("none", PaymentStatus::as_str),
-                        "payment already recorded; nothing to do"
-                    );
-                    return Ok(());
-                }
-                AttemptEffect::Record => {
-                    if record(work, msg, event, &attempt).await? {
-                        return Ok(());
-                    }
-                    recorded = store::status(work.conn(), order_id).await?;
-                }
-                AttemptEffect::RefundCancelled => {
-                    let Attempt::Charged { charge_id } = &attempt else {
-                        return Ok(()); // on_attempt asks this only for a charge
-                    };
-                    if store::charge_cancelled(
-                        work.conn(),
-                        order_id,
-                        PaymentId::new(),
-                        event.total,
-                        charge_id,
-                    )
-                    .await?
-                    {
-                        tracing::warn!(
-                            charge_id = %charge_id,
-                            "order was cancelled while it was charged; refund scheduled"
-                        );
-                        return Ok(());
-                    }
-                    recorded = store::status(work.conn(), order_id).await?;
-                }
-                AttemptEffect::FlagForReconciliation => {
-                    store::flag_for_reconciliation(
-                        work.conn(),
-                        order_id,
-                        PaymentId::new(),
-                        event.total,
-                    )
-                    .await?;
-                    tracing::warn!(
-                        status = recorded.map_or("none", PaymentStatus::as_str),
-                        "a charge may exist that the payment does not account for; reconciling"
-                    );
-                    return Ok(());
-                }
+            if let Applied::Done = apply(&mut work.batch(), &one).await? {
+                return Ok(());
             }
         }
-        Err(HandlerError::transient(format!(
-            "payment of order {order_id} changed concurrently"
-        )))
+        Err(changed_concurrently(reservation(msg).order_id))
+    }
+
+    /// The batch with a constant number of statements: one read of its orders' payments, then
+    /// one statement per kind of change (see [`apply`]).
+    async fn handle_batch(
+        &self,
+        work: &mut BatchWork<'_>,
+        batch: &[(&Incoming<InventoryEvent>, Attempt)],
+    ) -> Result<(), HandlerError> {
+        match apply(work, batch).await? {
+            Applied::Done => Ok(()),
+            // The runner rolls the batch back and applies its messages one by one, each
+            // reading its payment again.
+            Applied::Raced(order_id) => Err(changed_concurrently(order_id)),
+        }
     }
 }
 
-/// Records the first outcome for the order and stages its event. Returns `false` when another
-/// worker recorded a payment first (nothing written).
-async fn record(
-    work: &mut Work<'_>,
+fn reservation(msg: &Incoming<InventoryEvent>) -> &StockReserved {
+    let InventoryEvent::Reserved(event) = &msg.event;
+    event
+}
+
+/// A failed lookup, shared by the lookups of one query: transient when the database may
+/// answer later, as for any store error.
+fn lookup_failed(e: Arc<StoreError>) -> HandlerError {
+    if e.is_transient() {
+        HandlerError::transient(e)
+    } else {
+        HandlerError::permanent(e)
+    }
+}
+
+fn changed_concurrently(order_id: OrderId) -> HandlerError {
+    HandlerError::transient(format!("payment of order {order_id} changed concurrently"))
+}
+
+/// An event a newly recorded payment publishes.
+enum Outcome {
+    Completed(PaymentCompleted),
+    Failed(PaymentFailed),
+}
+
+impl Outcome {
+    /// Emits the event, caused by `cause`, and counts and logs the payment's outcome.
+    fn emit(&self, work: &mut BatchWork<'_>, cause: &EventMeta) {
+        match self {
+            Self::Completed(e) => {
+                work.emit(cause, e);
+                metrics::counter!(CHARGES_TOTAL, "outcome" => "completed").increment(1);
+                tracing::info!(order_id = %e.order_id, payment_id = %e.payment_id, charge_id = %e.provider_reference, amount = %e.amount, "payment completed");
+            }
+            Self::Failed(e) => {
+                work.emit(cause, e);
+                let outcome = reason_name(e.reason);
+                metrics::counter!(CHARGES_TOTAL, "outcome" => outcome).increment(1);
+                tracing::info!(order_id = %e.order_id, reason = outcome, detail = %e.detail, "payment failed");
+            }
+        }
+    }
+}
+
+/// What applying charge attempts came to.
+enum Applied {
+    /// Written, and the events emitted.
+    Done,
+    /// Another worker or replica changed this order's payment between the read and the
+    /// writes: what was written must not be committed.
+    Raced(OrderId),
+}
+
+/// Applies charge attempts in the transaction as if one after the other, with one read and at
+/// most one statement per kind of change, however many they are (up to
+/// [`store::ROWS_PER_STATEMENT`]): reads the payments of their orders, decides each attempt
+/// with [`domain::on_attempt`] on what the attempts before it left (a second message about an
+/// order finds the payment the first recorded), then writes, then emits the events.
+async fn apply(
+    work: &mut BatchWork<'_>,
+    batch: &[(&Incoming<InventoryEvent>, Attempt)],
+) -> Result<Applied, HandlerError> {
+    if batch.is_empty() {
+        return Ok(Applied::Done);
+    }
+    let orders: Vec<OrderId> = batch
+        .iter()
+        .map(|(msg, _)| reservation(msg).order_id)
+        .collect();
+    let mut payments = store::statuses(work.conn(), &orders).await?;
+    let mut plan = Plan::default();
+    for (msg, attempt) in batch {
+        let order_id = reservation(msg).order_id;
+        let recorded = payments.get(&order_id).copied();
+        let effect = domain::on_attempt(recorded, attempt);
+        plan.add(msg, attempt, recorded, effect);
+        if let Some(status) = domain::status_after(recorded, attempt, effect) {
+            payments.insert(order_id, status);
+        }
+    }
+    plan.write(work).await
+}
+
+/// The changes decided for a batch, by kind, and the events they publish.
+#[derive(Default)]
+struct Plan<'a> {
+    new: Vec<NewPayment<'a>>,
+    flags: Vec<Flag>,
+    refunds: Vec<CancelledCharge<'a>>,
+    /// The event of each new payment, with its cause.
+    events: Vec<(&'a EventMeta, Outcome)>,
+    /// Every message's decision, logged once written: the order, the status it found, the
+    /// effect, the attempt.
+    decided: Vec<(OrderId, Option<PaymentStatus>, AttemptEffect, &'a Attempt)>,
+}
+
+impl<'a> Plan<'a> {
+    fn add(
+        &mut self,
+        msg: &'a Incoming<InventoryEvent>,
+        attempt: &'a Attempt,
+        recorded: Option<PaymentStatus>,
+        effect: AttemptEffect,
+    ) {
+        let event = reservation(msg);
+        match (effect, attempt) {
+            (AttemptEffect::Record, _) => {
+                if let Some((payment, outcome)) = new_payment(msg, attempt) {
+                    self.new.push(payment);
+                    self.events.push((&msg.meta, outcome));
+                }
+            }
+            (AttemptEffect::RefundCancelled, Attempt::Charged { charge_id }) => {
+                self.refunds.push(CancelledCharge {
+                    order_id: event.order_id,
+                    payment_id: PaymentId::new(),
+                    amount: event.total,
+                    charge_id,
+                });
+            }
+            (AttemptEffect::FlagForReconciliation, _) => self.flags.push(Flag {
+                order_id: event.order_id,
+                payment_id: PaymentId::new(),
+                amount: event.total,
+            }),
+            // on_attempt asks for a refund only for a charge.
+            (AttemptEffect::RefundCancelled | AttemptEffect::Nothing, _) => {}
+        }
+        self.decided
+            .push((event.order_id, recorded, effect, attempt));
+    }
+
+    /// New payments, then flags, then charges of cancelled orders: the order in which any
+    /// sequence of attempts on one order asks for them (a flag follows a recorded failure or
+    /// precedes the refund of the tombstone it flags; nothing follows a refund).
+    async fn write(self, work: &mut BatchWork<'_>) -> Result<Applied, HandlerError> {
+        let conn = work.conn();
+        let recorded = store::insert(conn, &self.new).await?;
+        if let Some(p) = self.new.iter().find(|p| !recorded.contains(&p.order_id)) {
+            return Ok(Applied::Raced(p.order_id));
+        }
+        store::flag_for_reconciliation(conn, &self.flags).await?;
+        let refunded = store::charge_cancelled(conn, &self.refunds).await?;
+        if let Some(c) = self
+            .refunds
+            .iter()
+            .find(|c| !refunded.contains(&c.order_id))
+        {
+            return Ok(Applied::Raced(c.order_id));
+        }
+        for (order_id, recorded, effect, attempt) in &self.decided {
+            let status = recorded.map_or("none", PaymentStatus::as_str);
+            match (effect, attempt) {
+                (AttemptEffect::Nothing, _) => {
+                    tracing::info!(%order_id, status, "payment already recorded; nothing to do");
+                }
+                (AttemptEffect::RefundCancelled, Attempt::Charged { charge_id }) => {
+                    tracing::warn!(%order_id, charge_id = %charge_id, "order was cancelled while it was charged; refund scheduled");
+                }
+                (AttemptEffect::FlagForReconciliation, _) => {
+                    tracing::warn!(%order_id, status, "a charge may exist that the payment does not account for; reconciling");
+                }
+                (AttemptEffect::Record | AttemptEffect::RefundCancelled, _) => {}
+            }
+        }
+        for (cause, outcome) in &self.events {
+            outcome.emit(work, cause);
+        }
+        Ok(Applied::Done)
+    }
+}
+
+/// The payment a first attempt records and the event it publishes (`None`: no attempt).
+fn new_payment<'a>(
     msg: &Incoming<InventoryEvent>,
-    event: &StockReserved,
-    attempt: &Attempt,
-) -> Result<bool, HandlerError> {
-    let payment_id = PaymentId::new();
-    let (status, charge_id, detail) = match attempt {
-        Attempt::Charged { charge_id } => {
-            (PaymentStatus::Completed, Some(charge_id.as_str()), None)
-        }
-        Attempt::Declined { detail } | Attempt::Unavailable { detail } => {
-            (PaymentStatus::Failed, None, Some(detail.as_str()))
-        }
-        Attempt::AlreadyRecorded { .. } => return Ok(true),
-    };
+    attempt: &'a Attempt,
+) -> Option<(NewPayment<'a>, Outcome)> {
+    let event = reservation(msg);
+    let status = domain::recorded_status(attempt)?;
     let reason = domain::failure_reason(attempt);
+    let payment_id = PaymentId::new();
+    let (charge_id, detail, outcome) = match (attempt, reason) {
+        (Attempt::Charged { charge_id }, _) => (
+            Some(charge_id.as_str()),
+            None,
+            Outcome::Completed(PaymentCompleted {
+                order_id: event.order_id,
+                payment_id,
+                amount: event.total,
+                provider_reference: charge_id.clone(),
+            }),
+        ),
+        (Attempt::Declined { detail } | Attempt::Unavailable { detail }, Some(reason)) => (
+            None,
+            Some(detail.as_str()),
+            Outcome::Failed(PaymentFailed {
+                order_id: event.order_id,
+                reason,
+                amount: event.total,
+                detail: detail.clone(),
+            }),
+        ),
+        _ => return None,
+    };
     let payment = NewPayment {
         order_id: event.order_id,
         payment_id: Some(payment_id),
@@ -237,36 +394,7 @@ async fn record(
         correlation_id: msg.meta.correlation_id,
         causation_id: msg.meta.id,
     };
-    if !store::insert(work.conn(), &payment).await? {
-        return Ok(false);
-    }
-    match (attempt, reason) {
-        (Attempt::Charged { charge_id }, _) => {
-            work.emit(&PaymentCompleted {
-                order_id: event.order_id,
-                payment_id,
-                amount: event.total,
-                provider_reference: charge_id.clone(),
-            })
-            .await?;
-            metrics::counter!(CHARGES_TOTAL, "outcome" => "completed").increment(1);
-            tracing::info!(%payment_id, charge_id = %charge_id, amount = %event.total, "payment completed");
-        }
-        (_, Some(reason)) => {
-            work.emit(&PaymentFailed {
-                order_id: event.order_id,
-                reason,
-                amount: event.total,
-                detail: detail.unwrap_or_default().to_owned(),
-            })
-            .await?;
-            let outcome = reason_name(reason);
-            metrics::counter!(CHARGES_TOTAL, "outcome" => outcome).increment(1);
-            tracing::info!(%payment_id, reason = outcome, detail = detail.unwrap_or_default(), "payment failed");
-        }
-        (_, None) => {}
-    }
-    Ok(true)
+    Some((payment, outcome))
 }
 
 /// The stored and labelled name of a failure reason.
@@ -298,6 +426,8 @@ impl Handler for CancelHandler {
         let OrderEvent::Cancelled(event) = &msg.event;
         let order_id = event.order_id;
         let mut recorded = store::status(work.conn(), order_id).await?;
+        // Twice at most: a payment another worker or replica recorded or changed meanwhile is
+        // read again.
         for _ in 0..2 {
             match domain::on_cancel(recorded) {
                 CancelEffect::Nothing => {
@@ -322,9 +452,7 @@ impl Handler for CancelHandler {
             }
             recorded = store::status(work.conn(), order_id).await?;
         }
-        Err(HandlerError::transient(format!(
-            "payment of order {order_id} changed concurrently"
-        )))
+        Err(changed_concurrently(order_id))
     }
 }
 
@@ -345,5 +473,5 @@ async fn tombstone(
         correlation_id: msg.meta.correlation_id,
         causation_id: msg.meta.id,
     };
-    Ok(store::insert(work.conn(), &payment).await?)
+    Ok(!store::insert(work.conn(), &[payment]).await?.is_empty())
 }

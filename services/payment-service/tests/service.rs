@@ -396,7 +396,114 @@ async fn a_charge_lost_before_a_cancellation_is_found_and_refunded(db: TestDb) {
     app.stop().await;
 }
 
+/// A backlog of reservations, published while the service is down, is found waiting when it
+/// starts and applied in one batch (one puller): among them copies of one event under new
+/// `Nats-Msg-Id`s, a second event for one order, and an order cancelled before. Every order is
+/// charged once and gets one outcome; the cancelled order is never charged, and publishes
+/// nothing.
+async fn a_backlog_of_reservations_is_applied_together(db: TestDb) {
+    const ORDERS: usize = 12;
+    let mut app = spawn_app(
+        db,
+        Options {
+            consumer_workers: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    let cancelled = reserved("card_ok", 650);
+    app.publish_cancelled(
+        cancelled.order_id,
+        orderflow_contracts::CorrelationId::new(),
+    )
+    .await;
+    app.wait_payment_status(cancelled.order_id, "cancelled")
+        .await;
+    app.stop_service().await;
+
+    let paid: Vec<_> = (0..ORDERS)
+        .map(|i| reserved("card_ok", 1000 + i as i64))
+        .collect();
+    let declined = reserved("card_declined", 400);
+    let mut last = 0;
+    for event in &paid {
+        let (meta, published) = app.publish_reserved(event).await;
+        last = published.sequence;
+        if event.order_id == paid[0].order_id {
+            for _ in 0..2 {
+                last = app.republish(&meta, event).await.sequence;
+            }
+        }
+    }
+    last = last.max(app.publish_reserved(&paid[1]).await.1.sequence); // a second event
+    last = last.max(app.publish_reserved(&cancelled).await.1.sequence);
+    last = last.max(app.publish_reserved(&declined).await.1.sequence);
+    app.start_service().await;
+
+    app.wait_reserved_consumed(last).await;
+    let completed_of = |events: &[common::Seen], order_id: OrderId| {
+        let id = order_id.to_string();
+        events
+            .iter()
+            .filter(|e| e.subject == subjects::PAYMENT_COMPLETED && e.body["order_id"] == *id)
+            .count()
+    };
+    let events = eventually(common::WAIT, "every payment to complete", || async {
+        let events = app.payment_events().await;
+        let done = paid
+            .iter()
+            .filter(|e| completed_of(&events, e.order_id) > 0)
+            .count();
+        if done == ORDERS {
+            Ok(events)
+        } else {
+            Err(format!("{done} of {ORDERS} completed"))
+        }
+    })
+    .await;
+    let mut created = std::collections::BTreeSet::new();
+    for event in &paid {
+        assert_eq!(
+            completed_of(&events, event.order_id),
+            1,
+            "{}",
+            event.order_id
+        );
+        assert_eq!(
+            charges_of(&app, event.order_id).len(),
+            1,
+            "{}",
+            event.order_id
+        );
+        let payment = app.wait_payment_status(event.order_id, "completed").await;
+        created.insert(payment["created_at"].as_str().unwrap().to_owned());
+    }
+    // Payments written by one statement share its time: the batch was applied together.
+    assert!(
+        created.len() < ORDERS,
+        "{} insert statements for {ORDERS} payments",
+        created.len()
+    );
+    assert_eq!(app.stats().charges_succeeded, ORDERS as u64);
+
+    let failed = app
+        .wait_event(subjects::PAYMENT_FAILED, declined.order_id)
+        .await;
+    assert_eq!(failed.body["reason"], "declined");
+    assert_eq!(app.events_for(declined.order_id).await.len(), 1);
+
+    // The tombstone: no request reached the provider (a card_ok request would have charged),
+    // nothing published, nothing to reconcile.
+    assert!(charges_of(&app, cancelled.order_id).is_empty());
+    assert!(app.events_for(cancelled.order_id).await.is_empty());
+    let payment = app.payment(cancelled.order_id).await.unwrap();
+    assert_eq!(payment["status"], "cancelled");
+    assert_eq!(payment["needs_reconciliation"], false);
+    app.stop().await;
+}
+
 on_every_backend!(
+    a_backlog_of_reservations_is_applied_together,
     a_good_card_completes_the_payment,
     a_declined_card_fails_the_payment,
     an_outage_opens_the_breaker_and_payments_wait_for_the_provider,

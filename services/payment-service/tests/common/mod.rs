@@ -4,6 +4,7 @@
 //! consumes and to read what it published (the `PAYMENTS` stream, via async-nats).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -30,6 +31,7 @@ pub struct Options {
     pub breaker_open_for: &'static str,
     pub breaker_failure_threshold: u32,
     pub provider_max_concurrency: u16,
+    pub consumer_workers: u8,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             breaker_open_for: "500ms",
             breaker_failure_threshold: 5,
             provider_max_concurrency: 8,
+            consumer_workers: 2,
         }
     }
 }
@@ -60,8 +63,11 @@ pub struct TestApp {
     pub publisher: Publisher,
     pub js: jetstream::Context,
     pub options: Options,
+    sim_addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The running service; `None` between [`TestApp::stop_service`] and
+    /// [`TestApp::start_service`].
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     // Dropped last: the service must stop before its broker and database go away.
     pub db: TestDb,
     pub nats_server: NatsServer,
@@ -86,73 +92,25 @@ pub async fn spawn_app(db: TestDb, options: Options) -> TestApp {
         ..payment_provider_sim::Config::default()
     };
     let (sim_addr, sim) = payment_provider_sim::spawn(&sim_config).await.unwrap();
-
-    let threshold = options.breaker_failure_threshold.to_string();
-    let concurrency = options.provider_max_concurrency.to_string();
-    let provider_url = format!("http://{sim_addr}");
-    let nats_url = nats_server.url();
-    let args = [
-        "payment-service",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--database-url",
-        db.url(),
-        "--provider-url",
-        &provider_url,
-        "--provider-timeout",
-        "1s",
-        "--provider-max-concurrency",
-        &concurrency,
-        "--payment-deadline",
-        options.payment_deadline,
-        "--breaker-failure-threshold",
-        &threshold,
-        "--breaker-open-for",
-        options.breaker_open_for,
-        "--breaker-half-open-probes",
-        "1",
-        "--reconcile-interval",
-        "100ms",
-        "--nats-url",
-        &nats_url,
-        "--nats-connect-timeout",
-        "10s",
-        "--shutdown-timeout",
-        "5s",
-    ];
-    let config = payment_service::Config::try_parse_from(args).unwrap();
-    let app = payment_service::Application::build(config).await.unwrap();
-    let port = app.port();
-    let shutdown = app.shutdown_token();
-    let task = tokio::spawn(app.run_until_stopped());
-
     let nats = Nats::connect(&NatsConfig::new(nats_server.url(), "payment-service-tests"))
         .await
         .unwrap();
     nats.wait_connected(Duration::from_secs(10)).await.unwrap();
     let client = async_nats::connect(nats_server.url()).await.unwrap();
-    let app = TestApp {
-        port,
+    let mut app = TestApp {
+        port: 0,
         http: reqwest::Client::new(),
         sim,
         publisher: Publisher::new(&nats),
         js: jetstream::new(client),
         options,
-        shutdown,
-        task,
+        sim_addr,
+        shutdown: CancellationToken::new(),
+        task: None,
         db,
         nats_server,
     };
-    // Ready: NATS connected, streams reconciled, both consumers pulling.
-    eventually(WAIT, "the payment service to be ready", || async {
-        let status = app.get("/readyz").await.0;
-        if status == 200 {
-            Ok(())
-        } else {
-            Err(format!("/readyz answered {status}"))
-        }
-    })
-    .await;
+    app.start_service().await;
     app
 }
 
@@ -169,14 +127,77 @@ impl TestApp {
         self.sim().update_faults(patch);
     }
 
-    /// Stops the service gracefully, then the simulator.
-    pub async fn stop(self) {
+    /// Starts the service on the test's broker, database and simulator, and waits until it is
+    /// ready: NATS connected, streams reconciled, both consumers pulling.
+    pub async fn start_service(&mut self) {
+        assert!(self.task.is_none(), "the service is running already");
+        let threshold = self.options.breaker_failure_threshold.to_string();
+        let concurrency = self.options.provider_max_concurrency.to_string();
+        let workers = self.options.consumer_workers.to_string();
+        let provider_url = format!("http://{}", self.sim_addr);
+        let nats_url = self.nats_server.url();
+        let args = [
+            "payment-service",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            self.db.url(),
+            "--provider-url",
+            &provider_url,
+            "--provider-timeout",
+            "1s",
+            "--provider-max-concurrency",
+            &concurrency,
+            "--payment-deadline",
+            self.options.payment_deadline,
+            "--breaker-failure-threshold",
+            &threshold,
+            "--breaker-open-for",
+            self.options.breaker_open_for,
+            "--breaker-half-open-probes",
+            "1",
+            "--reconcile-interval",
+            "100ms",
+            "--consumer-workers",
+            &workers,
+            "--nats-url",
+            &nats_url,
+            "--nats-connect-timeout",
+            "10s",
+            "--shutdown-timeout",
+            "5s",
+        ];
+        let config = payment_service::Config::try_parse_from(args).unwrap();
+        let app = payment_service::Application::build(config).await.unwrap();
+        self.port = app.port();
+        self.shutdown = app.shutdown_token();
+        self.task = Some(tokio::spawn(app.run_until_stopped()));
+        eventually(WAIT, "the payment service to be ready", || async {
+            let status = self.get("/readyz").await.0;
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(format!("/readyz answered {status}"))
+            }
+        })
+        .await;
+    }
+
+    /// Stops the service gracefully; the broker, the database and the simulator stay up (events
+    /// published meanwhile wait for [`TestApp::start_service`]).
+    pub async fn stop_service(&mut self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
+        let task = self.task.take().expect("the service is not running");
+        tokio::time::timeout(Duration::from_secs(15), task)
             .await
             .expect("the service did not stop within 15s")
             .unwrap()
             .unwrap();
+    }
+
+    /// Stops the service gracefully, then the simulator.
+    pub async fn stop(mut self) {
+        self.stop_service().await;
         self.sim.shutdown().await.unwrap();
     }
 
