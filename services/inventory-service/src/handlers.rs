@@ -214,10 +214,18 @@ async fn release_cancelled(
         Some((ReservationStatus::Committed, lines)) => (Move::ReleaseCommitted, lines),
         Some(_) => return Ok(()),
     };
+    let from = if how == Move::ReleaseReserved {
+        ReservationStatus::Reserved
+    } else {
+        ReservationStatus::Committed
+    };
+    let moves = [(order_id, from, ReservationStatus::Released)];
+    if store::move_statuses(work.conn(), &moves).await? != moves.len() {
+        return Err(changed_concurrently());
+    }
     let mut deltas = Deltas::default();
     deltas.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
     deltas.apply(work, how).await?;
-    store::set_statuses(work.conn(), &[(order_id, ReservationStatus::Released)]).await?;
     work.emit(
         &msg.meta,
         &ReservationReleased {
@@ -292,11 +300,20 @@ impl Handler for PaymentsHandler {
                     },
                 );
             }
-            statuses.push((order_id, *status));
+            statuses.push((order_id, ReservationStatus::Reserved, *status));
+        }
+        // The statuses move first, each only from `reserved` (see `store::move_statuses`).
+        if store::move_statuses(work.conn(), &statuses).await? != statuses.len() {
+            return Err(changed_concurrently());
         }
         commit.apply(work, Move::Commit).await?;
         release.apply(work, Move::ReleaseReserved).await?;
-        store::set_statuses(work.conn(), &statuses).await?;
         Ok(())
     }
+}
+
+/// Another transaction moved a reservation between our read and our update: the batch is
+/// retried, and the retry decides on what it finds then.
+fn changed_concurrently() -> HandlerError {
+    HandlerError::transient("a reservation changed concurrently")
 }

@@ -418,22 +418,42 @@ pub async fn reservations(
     Ok(out)
 }
 
-/// Sets the status of many reservations, one statement.
-pub async fn set_statuses(
+/// Moves many reservations from one status to another, one statement: each
+/// `(order, from, to)` moves only if the reservation is still in `from`. Returns how many moved,
+/// so a caller can tell that another transaction moved one first (fewer than asked).
+///
+/// Callers move the status before the stock: they read the status earlier, and on PostgreSQL
+/// (read committed) another transaction — a payment outcome and a cancellation of the same
+/// order handled at once by two consumers, or by two replicas — may have moved it since. This
+/// `UPDATE` waits for that transaction, then matches nothing for the order, and the caller
+/// retries instead of moving the units a second time.
+pub async fn move_statuses(
     conn: &mut AnyConnection,
-    statuses: &[(OrderId, ReservationStatus)],
-) -> Result<(), StoreError> {
-    if statuses.is_empty() {
-        return Ok(());
+    moves: &[(OrderId, ReservationStatus, ReservationStatus)],
+) -> Result<usize, StoreError> {
+    use std::fmt::Write as _;
+    if moves.is_empty() {
+        return Ok(0);
     }
-    let (case, ids) = case_when(2, statuses.len());
+    let (mut to_case, mut from_case, mut ids) = (String::new(), String::new(), Vec::new());
+    for i in 0..moves.len() {
+        let (key, to, from) = (2 + 3 * i, 3 + 3 * i, 4 + 3 * i);
+        let _ = write!(to_case, " WHEN ${key} THEN ${to}");
+        let _ = write!(from_case, " WHEN ${key} THEN ${from}");
+        ids.push(format!("${key}"));
+    }
+    // Only generated placeholders are interpolated; every value is bound.
     let sql = format!(
-        "UPDATE reservations SET status = CASE order_id{case} END, updated_at = $1 WHERE order_id IN ({ids})"
+        "UPDATE reservations SET status = CASE order_id{to_case} END, updated_at = $1 \
+         WHERE order_id IN ({}) AND status = CASE order_id{from_case} END",
+        ids.join(", ")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for (order, status) in statuses {
-        query = query.bind(order.to_string()).bind(status.as_str());
+    for (order, from, to) in moves {
+        query = query
+            .bind(order.to_string())
+            .bind(to.as_str())
+            .bind(from.as_str());
     }
-    query.execute(conn).await?;
-    Ok(())
+    Ok(query.execute(conn).await?.rows_affected() as usize)
 }
