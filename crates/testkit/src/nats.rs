@@ -807,6 +807,41 @@ impl NatsCluster {
         }
     }
 
+    /// Kills every node with SIGKILL: the whole cluster crashes at once.
+    pub fn kill_all(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Stops every node gracefully (SIGTERM), one after the other.
+    pub fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+    }
+
+    /// Starts every node that is not running again with its ports and store, and waits until
+    /// each is healthy and knows the meta leader (see [`Self::start`]).
+    ///
+    /// The nodes are spawned together before any is waited for: a single node of a stopped
+    /// cluster cannot elect a meta leader on its own, so [`Self::restart`] one node at a time
+    /// would never see one.
+    pub async fn start_all(&mut self) {
+        for node in &mut self.nodes {
+            if !node.is_running() {
+                // Reaps a node that exited by itself, so it can be spawned again.
+                node.kill();
+                node.spawn();
+            }
+        }
+        for node in &mut self.nodes {
+            if let Err(failure) = node.wait_ready(true).await {
+                node.fail("start cluster node", &failure.reason);
+            }
+        }
+    }
+
     /// Waits (up to 10 s) until every running node reports the same, non-empty JetStream meta
     /// leader, and returns its server name. Useful after killing the leader.
     pub async fn wait_for_meta_leader(&mut self) -> String {

@@ -277,6 +277,43 @@ impl PostgresServer {
         }
     }
 
+    /// Stops the server the way a crash would: `pg_ctl stop -m immediate` (no shutdown
+    /// checkpoint; every client connection is cut and the next start runs crash recovery).
+    /// Blocks until it is down.
+    pub fn kill(&mut self) {
+        if self.running {
+            self.running = false;
+            run(
+                self.pg_command("pg_ctl")
+                    .arg("-D")
+                    .arg(self.data_dir())
+                    .args(["-w", "-m", "immediate", "stop"]),
+                "stop PostgreSQL immediately",
+            );
+        }
+    }
+
+    /// Whether the server runs (it was started and not stopped through this handle).
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Starts a server stopped with [`Self::stop`] or [`Self::kill`] again, on the same port
+    /// and data dir, blocking until it accepts connections. No-op when it runs.
+    pub fn start_again(&mut self) {
+        if self.running {
+            return;
+        }
+        if let Err(why) = self.pg_ctl_start() {
+            panic!(
+                "cannot start PostgreSQL again on port {}: {why}\nserver log tail:\n{}",
+                self.port,
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        self.running = true;
+    }
+
     /// A command running `program` from the bin dir, as user `postgres` when we are root.
     fn pg_command(&self, program: &str) -> Command {
         let binary = self.bin_dir.join(program);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use orderflow_testkit::{
-    ChildProcess, NatsCluster, NatsServer, TempSqlite, TestDatabase, TestDb, eventually,
-    eventually_true, on_every_backend,
+    ChildProcess, NatsCluster, NatsServer, PostgresServer, TempSqlite, TestDatabase, TestDb,
+    eventually, eventually_true, on_every_backend,
 };
 use sqlx::{Connection, PgConnection, Row, SqliteConnection};
 
@@ -271,3 +271,85 @@ async fn select_one_on_any_backend(db: TestDb) {
 }
 
 on_every_backend!(select_one_on_any_backend);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_cluster_stopped_or_killed_comes_back_with_its_streams() {
+    let mut cluster = NatsCluster::start(3).await;
+    let js = jetstream::new(async_nats::connect(cluster.urls()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: "WHOLE".into(),
+        subjects: vec!["whole.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish_acked(&js, "whole.one", "whole-one").await;
+
+    cluster.stop_all();
+    assert!((0..3).all(|i| !cluster.is_running(i)));
+    cluster.start_all().await;
+    assert!((0..3).all(|i| cluster.is_running(i)));
+    publish_acked(&js, "whole.two", "whole-two").await;
+
+    cluster.kill_all();
+    cluster.start_all().await;
+    cluster.wait_for_meta_leader().await;
+    // A JetStream API request sent before the stream has elected a leader goes unanswered
+    // until the client's request timeout (5 s): allow a few of those.
+    let stream = eventually(
+        Duration::from_secs(30),
+        "the stream has a leader again",
+        || {
+            let js = js.clone();
+            async move {
+                let mut stream = js.get_stream("WHOLE").await.map_err(|e| e.to_string())?;
+                let messages = stream
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .messages;
+                Ok((stream, messages))
+            }
+        },
+    )
+    .await;
+    assert_eq!(stream.1, 2, "both acknowledged messages survive");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_killed_and_started_again_keeps_its_data_and_port() {
+    let mut server = PostgresServer::start().await;
+    let port = server.port();
+    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
+    sqlx::query("CREATE TABLE kept (x INTEGER)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO kept VALUES (7)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    server.kill();
+    assert!(!server.is_running());
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut conn).await.is_err(),
+        "the connection is cut"
+    );
+    server.start_again();
+    assert!(server.is_running());
+    assert_eq!(server.port(), port);
+    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
+    let x: i32 = sqlx::query_scalar("SELECT x FROM kept")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(x, 7, "committed data survives the crash");
+    conn.close().await.unwrap();
+
+    server.stop();
+    server.start_again();
+    assert!(PgConnection::connect(&server.url()).await.is_ok());
+}
