@@ -6,7 +6,16 @@
 //! the way a client does (HTTP) and check what it did through its APIs and streams.
 //!
 //! Services can be killed (`SIGKILL`) and restarted with the same settings and database, to
-//! prove that nothing is lost or doubled across crashes.
+//! prove that nothing is lost or doubled across crashes. NATS can run as a 3-node JetStream
+//! cluster ([`Options::nats_cluster`]) whose nodes can be killed and restarted one by one or all
+//! together, and PostgreSQL can be a private server ([`Options::private_postgres`]) that is
+//! crashed and started again under load.
+//!
+//! Beside the harness:
+//! - [`load`]: a load driver placing a stream of orders the way a careful client does;
+//! - [`audit`]: the auditor, reading every database, stream and the provider to count what was
+//!   lost, doubled or left stuck;
+//! - [`chaos`]: the fault scenarios, each parameterised by size, returning a table row.
 // Test support: failing loudly with a clear message is the contract.
 #![allow(
     clippy::expect_used,
@@ -15,11 +24,17 @@
     clippy::too_many_lines
 )]
 
+pub mod audit;
+pub mod chaos;
+pub mod load;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use orderflow_testkit::{ChildProcess, NatsServer, TestDb, eventually, free_port};
+use orderflow_testkit::{
+    ChildProcess, NatsCluster, NatsServer, PostgresServer, TestDb, eventually, free_port,
+};
 use serde_json::{Value, json};
 
 /// How long tests wait for the system to settle.
@@ -70,6 +85,14 @@ pub struct Options {
     pub log_level: &'static str,
     /// More environment variables for every service (tuning flags).
     pub extra_env: Vec<(String, String)>,
+    /// Run NATS as a 3-node JetStream cluster on loopback: the services get every node's URL
+    /// and `ORDERFLOW_STREAM_REPLICAS=3`.
+    pub nats_cluster: bool,
+    /// On PostgreSQL, put the three databases on a private server of this system's own (one
+    /// server, three databases), which [`System::kill_postgres`] and
+    /// [`System::start_postgres`] may crash and start again. The shared test server is never
+    /// restarted.
+    pub private_postgres: bool,
 }
 
 impl Default for Options {
@@ -83,6 +106,8 @@ impl Default for Options {
             replicas: 1,
             log_level: "info",
             extra_env: Vec::new(),
+            nats_cluster: false,
+            private_postgres: false,
         }
     }
 }
@@ -116,12 +141,176 @@ impl Proc {
     }
 }
 
+/// The NATS side of a running system: one server, or a 3-node JetStream cluster.
+///
+/// Its methods mirror [`NatsServer`]'s, so code written for one server works on both; the
+/// `*_node` methods act on one node of a cluster (node 0 is the single server).
+#[derive(Debug)]
+pub enum Broker {
+    /// One nats-server.
+    Single(NatsServer),
+    /// `n` nats-servers routed into one JetStream cluster.
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    async fn start(cluster: bool) -> Self {
+        if cluster {
+            Self::Cluster(NatsCluster::start(3).await)
+        } else {
+            Self::Single(NatsServer::start().await)
+        }
+    }
+
+    /// The client URL, or every node's joined with commas (what `ORDERFLOW_NATS_URL` takes).
+    /// `async_nats::connect` reads a string as ONE URL: give it [`Self::urls`].
+    pub fn url(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Self::Single(s) => vec![s.url()],
+            Self::Cluster(c) => c.urls(),
+        }
+    }
+
+    /// The client port of the first node.
+    pub fn port(&self) -> u16 {
+        self.node(0).port()
+    }
+
+    /// The monitoring port of the first node.
+    pub fn monitor_port(&self) -> u16 {
+        self.node(0).monitor_port()
+    }
+
+    /// How many nodes.
+    pub fn size(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Cluster(c) => c.size(),
+        }
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// Node `i` (0 is the single server).
+    pub fn node(&self, i: usize) -> &NatsServer {
+        match self {
+            Self::Single(s) => {
+                assert_eq!(i, 0, "a single server has only node 0");
+                s
+            }
+            Self::Cluster(c) => c.node(i),
+        }
+    }
+
+    /// The process id of the first running node.
+    pub fn pid(&self) -> Option<u32> {
+        (0..self.size()).find_map(|i| self.node(i).pid())
+    }
+
+    /// Whether node `i` runs.
+    pub fn is_node_running(&mut self, i: usize) -> bool {
+        match self {
+            Self::Single(s) => {
+                assert_eq!(i, 0, "a single server has only node 0");
+                s.is_running()
+            }
+            Self::Cluster(c) => c.is_running(i),
+        }
+    }
+
+    /// Whether every node runs.
+    pub fn is_running(&mut self) -> bool {
+        (0..self.size()).all(|i| self.is_node_running(i))
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill_node(&mut self, i: usize) {
+        match self {
+            Self::Single(s) => {
+                assert_eq!(i, 0, "a single server has only node 0");
+                s.kill();
+            }
+            Self::Cluster(c) => c.kill(i),
+        }
+    }
+
+    /// Starts node `i` again (stopping it first when it runs) with its ports and store, and
+    /// waits until it is healthy (on a cluster: caught up and knowing the meta leader).
+    pub async fn restart_node(&mut self, i: usize) {
+        match self {
+            Self::Single(s) => {
+                assert_eq!(i, 0, "a single server has only node 0");
+                s.restart().await;
+            }
+            Self::Cluster(c) => c.restart(i).await,
+        }
+    }
+
+    /// Kills every node with SIGKILL.
+    pub fn kill(&mut self) {
+        match self {
+            Self::Single(s) => s.kill(),
+            Self::Cluster(c) => c.kill_all(),
+        }
+    }
+
+    /// Stops every node gracefully (SIGTERM).
+    pub fn stop(&mut self) {
+        match self {
+            Self::Single(s) => s.stop(),
+            Self::Cluster(c) => c.stop_all(),
+        }
+    }
+
+    /// Starts every node that is not running again and waits until all are ready; a single
+    /// server that runs is restarted.
+    pub async fn restart(&mut self) {
+        match self {
+            Self::Single(s) => s.restart().await,
+            Self::Cluster(c) => c.start_all().await,
+        }
+    }
+
+    /// The last `lines` lines of every node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        (0..self.size())
+            .map(|i| {
+                let node = self.node(i);
+                format!("--- {} ---\n{}", node.name(), node.log_tail(lines))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A JetStream context on a fresh connection to every node.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.urls())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to NATS at {}: {e}", self.url()));
+        async_nats::jetstream::new(client)
+    }
+}
+
 /// A running system.
 pub struct System {
-    /// The NATS server.
-    pub nats: NatsServer,
+    /// The NATS server, or cluster.
+    pub nats: Broker,
     procs: HashMap<Service, Vec<Proc>>,
     dbs: Vec<TestDb>,
+    db_urls: [String; 3],
+    /// The private PostgreSQL server ([`Options::private_postgres`]), stopped after the
+    /// services (fields drop in order).
+    postgres: Option<PostgresServer>,
     /// An HTTP client.
     pub http: reqwest::Client,
     /// Which backend the services use: `sqlite` or `postgres`.
@@ -135,9 +324,15 @@ impl System {
         Self::start_with(db, Options::default()).await
     }
 
-    /// Starts everything with `options`.
+    /// Starts everything with `options`. With [`Options::private_postgres`] and a PostgreSQL
+    /// `db`, the services use a private server instead (`db` only picks the backend).
     pub async fn start_with(db: TestDb, options: Options) -> Self {
         let backend = db.name();
+        if options.private_postgres && backend == "postgres" {
+            let mut system = Self::start_private_postgres(options).await;
+            system.dbs.push(db);
+            return system;
+        }
         let (orders_db, inventory_db) = match &db {
             TestDb::Sqlite(_) => (TestDb::sqlite(), TestDb::sqlite()),
             TestDb::Postgres(_) => (TestDb::postgres().await, TestDb::postgres().await),
@@ -147,15 +342,40 @@ impl System {
             inventory_db.url().to_owned(),
             db.url().to_owned(),
         ];
-        let mut system = Self::start_on(backend, &urls, options).await;
-        system.dbs = vec![orders_db, inventory_db, db];
-        system
+        Self::launch(
+            backend,
+            &urls,
+            options,
+            vec![orders_db, inventory_db, db],
+            None,
+        )
+        .await
     }
 
-    /// Starts everything on given database URLs: `[orders, inventory, payments]`.
+    /// Starts everything on PostgreSQL, on a private server of this system's own with the
+    /// three databases (see [`Options::private_postgres`], which this sets).
+    pub async fn start_private_postgres(mut options: Options) -> Self {
+        options.private_postgres = true;
+        let (server, urls) = private_postgres().await;
+        Self::launch("postgres", &urls, options, Vec::new(), Some(server)).await
+    }
+
+    /// Starts everything on given database URLs: `[orders, inventory, payments]`
+    /// ([`Options::private_postgres`] does not apply: the databases are given).
     pub async fn start_on(backend: &'static str, urls: &[String; 3], options: Options) -> Self {
+        Self::launch(backend, urls, options, Vec::new(), None).await
+    }
+
+    async fn launch(
+        backend: &'static str,
+        urls: &[String; 3],
+        options: Options,
+        dbs: Vec<TestDb>,
+        postgres: Option<PostgresServer>,
+    ) -> Self {
         let [orders_db, inventory_db, payments_db] = urls;
-        let nats = NatsServer::start().await;
+        let nats = Broker::start(options.nats_cluster).await;
+        let nats_url = nats.url();
         let mut procs = HashMap::new();
         let common = |port: u16, db: Option<&String>| {
             let mut env = vec![
@@ -163,12 +383,15 @@ impl System {
                     "ORDERFLOW_HTTP_ADDR".to_owned(),
                     format!("127.0.0.1:{port}"),
                 ),
-                ("ORDERFLOW_NATS_URL".to_owned(), nats.url()),
+                ("ORDERFLOW_NATS_URL".to_owned(), nats_url.clone()),
                 ("ORDERFLOW_LOG_FORMAT".to_owned(), "json".to_owned()),
                 ("ORDERFLOW_ACK_WAIT".to_owned(), options.ack_wait.to_owned()),
                 ("ORDERFLOW_SHUTDOWN_TIMEOUT".to_owned(), "5s".to_owned()),
                 ("RUST_LOG".to_owned(), options.log_level.to_owned()),
             ];
+            if options.nats_cluster {
+                env.push(("ORDERFLOW_STREAM_REPLICAS".to_owned(), "3".to_owned()));
+            }
             env.extend(options.extra_env.iter().cloned());
             if let Some(db) = db {
                 env.push(("ORDERFLOW_DATABASE_URL".to_owned(), db.clone()));
@@ -243,7 +466,9 @@ impl System {
         let mut system = Self {
             nats,
             procs,
-            dbs: Vec::new(),
+            dbs,
+            db_urls: urls.clone(),
+            postgres,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -329,6 +554,15 @@ impl System {
             .child
             .as_ref()
             .map(|c| c.log_tail(60))
+            .unwrap_or_default()
+    }
+
+    /// Everything one replica has logged since it was last started.
+    pub fn log(&self, service: Service, replica: usize) -> String {
+        self.procs[&service][replica]
+            .child
+            .as_ref()
+            .map(ChildProcess::log)
             .unwrap_or_default()
     }
 
@@ -475,7 +709,7 @@ impl System {
 
     /// How many messages a stream holds.
     pub async fn stream_len(&self, stream: &str) -> u64 {
-        let js = async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap());
+        let js = self.nats.jetstream().await;
         js.get_stream(stream)
             .await
             .unwrap()
@@ -488,7 +722,7 @@ impl System {
 
     /// Every message of a stream on `subject` (all messages when `None`), as (subject, JSON payload).
     pub async fn stream_events(&self, stream: &str) -> Vec<(String, Value)> {
-        let js = async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap());
+        let js = self.nats.jetstream().await;
         let stream = js.get_stream(stream).await.unwrap();
         let n = stream.get_info().await.unwrap().state.messages as usize;
         if n == 0 {
@@ -517,8 +751,15 @@ impl System {
     /// The process ids of every running process, with their names (NATS first).
     pub fn pids(&self) -> Vec<(String, u32)> {
         let mut out = Vec::new();
-        if let Some(pid) = self.nats.pid() {
-            out.push(("nats-server".to_owned(), pid));
+        for i in 0..self.nats.size() {
+            if let Some(pid) = self.nats.node(i).pid() {
+                let name = if self.nats.is_cluster() {
+                    format!("nats-server-{}", self.nats.node(i).name())
+                } else {
+                    "nats-server".to_owned()
+                };
+                out.push((name, pid));
+            }
         }
         for s in [
             Service::Order,
@@ -544,6 +785,79 @@ impl System {
     pub fn databases(&self) -> &[TestDb] {
         &self.dbs
     }
+
+    /// The database URLs the services use: `[orders, inventory, payments]`.
+    pub fn database_urls(&self) -> &[String; 3] {
+        &self.db_urls
+    }
+
+    /// The base URL of every order-service replica (where a client may place orders).
+    pub fn order_urls(&self) -> Vec<String> {
+        (0..self.replicas(Service::Order))
+            .map(|r| self.replica_url(Service::Order, r))
+            .collect()
+    }
+
+    /// Processes that exited although nobody killed or stopped them (a crash), with their
+    /// exit status and the tail of their log.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (service, list) in &mut self.procs {
+            for (i, proc) in list.iter_mut().enumerate() {
+                if let Some(child) = proc.child.as_mut()
+                    && let Some(status) = child.try_exit_status()
+                {
+                    out.push(format!(
+                        "{}[{i}] exited ({status}); log:\n{}",
+                        service.binary(),
+                        child.log_tail(30)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Crashes the private PostgreSQL server (`pg_ctl stop -m immediate`): every connection
+    /// of every service is cut. Panics without [`Options::private_postgres`].
+    pub fn kill_postgres(&mut self) {
+        let server = self.private_postgres_server();
+        tokio::task::block_in_place(|| server.kill());
+    }
+
+    /// Starts the private PostgreSQL server again on the same port and data dir, and waits
+    /// until it accepts connections.
+    pub fn start_postgres(&mut self) {
+        let server = self.private_postgres_server();
+        tokio::task::block_in_place(|| server.start_again());
+    }
+
+    fn private_postgres_server(&mut self) -> &mut PostgresServer {
+        self.postgres.as_mut().expect(
+            "no private PostgreSQL server: start with Options::private_postgres on PostgreSQL",
+        )
+    }
+}
+
+/// One throwaway PostgreSQL server with the three databases on it; the URLs are
+/// `[orders, inventory, payments]`.
+async fn private_postgres() -> (PostgresServer, [String; 3]) {
+    use sqlx::Connection as _;
+    let server = PostgresServer::start().await;
+    let mut admin = sqlx::PgConnection::connect(&server.url())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the private PostgreSQL: {e}"));
+    let names = ["orders", "inventory", "payments"];
+    for name in names {
+        // Fixed names: safe to splice.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+    }
+    let _ = admin.close().await;
+    let urls = names.map(|n| server.database_url(n));
+    (server, urls)
 }
 
 /// A `POST /v1/orders` body.
