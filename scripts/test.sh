@@ -72,11 +72,12 @@ else
     work="$(mktemp -d)"
     mkfifo "$work/stdin"
     # The helper reads the fifo; this shell holds its write end on fd 3 until cleanup.
-    cargo run -q --locked -p orderflow-testkit --bin throwaway-postgres -- "$work/url" \
-        <"$work/stdin" &
+    # The binary the workspace build above made: `cargo run -p orderflow-testkit` would
+    # resolve features for that one package and could rebuild half the dependency tree first.
+    "${CARGO_TARGET_DIR:-target}/debug/throwaway-postgres" "$work/url" <"$work/stdin" &
     pg_pid=$!
     exec 3>"$work/stdin"
-    deadline=$((SECONDS + 120)) # the helper was built above; initdb takes about a second
+    deadline=$((SECONDS + 120)) # initdb and the first start take a few seconds
     until [[ -s "$work/url" ]]; do
         if ! kill -0 "$pg_pid" 2>/dev/null; then
             log "throwaway-postgres exited before writing its URL"
