@@ -52,6 +52,8 @@ pub struct Origin<'a> {
     pub consumer: &'a str,
     /// How many times it was delivered.
     pub deliveries: u64,
+    /// When its first failure happened, when known.
+    pub first_failure: Option<OffsetDateTime>,
 }
 
 /// Publishes a dead letter and waits until the `DEAD_LETTERS` stream has it.
@@ -90,6 +92,9 @@ pub async fn publish(
             format_time(OffsetDateTime::now_utc()),
         ),
     ]);
+    if let Some(first) = origin.first_failure {
+        pairs.push((headers::DL_FIRST_FAILURE.to_owned(), format_time(first)));
+    }
     publisher
         .publish_raw(&subjects::dead_letter(origin.consumer), &pairs, payload)
         .await?;
@@ -144,7 +149,8 @@ pub struct DeadLetter {
     pub event_type: Option<String>,
     /// The original's event id, when it had one.
     pub event_id: Option<String>,
-    /// When the original was published (its CloudEvents time), when known.
+    /// When its first failure happened, when the runner knew; otherwise when the original was
+    /// published (its CloudEvents time), when known.
     pub first_failure: Option<String>,
     /// When it was dead-lettered.
     pub dead_lettered_at: String,
@@ -606,6 +612,8 @@ impl AdvisoryWatcher {
             stream_sequence: advisory.stream_seq,
             consumer: &advisory.consumer,
             deliveries: advisory.deliveries,
+            // The process handling it died each time: nobody saw the first failure.
+            first_failure: None,
         };
         publish(
             publisher,

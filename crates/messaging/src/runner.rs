@@ -23,6 +23,7 @@
 //! redeliver them to another worker mid-way. On shutdown it stops pulling, finishes the batch
 //! in flight and naks what it had buffered so other replicas get it at once.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt, future::join_all};
 use orderflow_contracts::{ContractError, Event, EventId, EventMeta, Inbound};
 use orderflow_store::{Db, StoreError, Tx};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -430,6 +432,39 @@ struct Shared<H: Handler> {
     handler: H,
     config: RunnerConfig,
     health: ConsumerHealth,
+    first_failures: FirstFailures,
+}
+
+/// When each message now being retried first failed in this process, by stream sequence, so
+/// its dead letter can say when the trouble started. Bounded: past [`Self::CAPACITY`] messages
+/// in retry, new ones are not tracked and their dead letter omits the time (the operator then
+/// sees the event's own time). Messages that first failed in another replica, or before a
+/// restart, are not known here either.
+#[derive(Default)]
+struct FirstFailures(Mutex<HashMap<u64, OffsetDateTime>>);
+
+impl FirstFailures {
+    const CAPACITY: usize = 10_000;
+
+    /// Notes a failure now, unless an earlier one is known.
+    fn failed(&self, stream_sequence: u64) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() < Self::CAPACITY {
+            map.entry(stream_sequence)
+                .or_insert_with(OffsetDateTime::now_utc);
+        }
+    }
+
+    /// Forgets a message that was settled for good, returning when it first failed.
+    fn settled(&self, stream_sequence: u64) -> Option<OffsetDateTime> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&stream_sequence)
+    }
 }
 
 /// What became of one message in the transaction.
@@ -458,6 +493,7 @@ impl<H: Handler> ConsumerRunner<H> {
                 handler,
                 config,
                 health,
+                first_failures: FirstFailures::default(),
             }),
         }
     }
@@ -853,13 +889,16 @@ async fn settle<H: Handler>(shared: &Shared<H>, item: &Item<H::Input>, outcome: 
     let consumer = shared.config.consumer.durable;
     let outcome_label = match outcome {
         Outcome::Ack | Outcome::Duplicate => {
+            if item.incoming.delivered > 1 {
+                shared.first_failures.settled(item.incoming.stream_sequence);
+            }
             if let Err(e) = item.msg.ack().await {
                 // The effect is committed; a redelivery will find the inbox row.
                 tracing::debug!(consumer, error = %e, "ack failed; a redelivery will be a duplicate");
             }
             if let Ok(info) = item.msg.info() {
                 let published = info.published;
-                let latency = (time::OffsetDateTime::now_utc() - published)
+                let latency = (OffsetDateTime::now_utc() - published)
                     .as_seconds_f64()
                     .max(0.0);
                 ::metrics::histogram!(metrics::MESSAGE_LATENCY_SECONDS, "consumer" => consumer)
@@ -896,6 +935,7 @@ async fn settle_failure<H: Handler>(
             retry_after,
         } if !last_delivery => {
             let delay = retry_after.unwrap_or_else(|| shared.config.retry.delay(delivered));
+            shared.first_failures.failed(item.incoming.stream_sequence);
             tracing::warn!(consumer, error = %error, delay_ms = delay.as_millis() as u64, "handler failed; retrying later");
             if let Err(e) = item.msg.ack_with(AckKind::Nak(Some(delay))).await {
                 tracing::debug!(error = %e, "nak failed; redelivery after ack wait");
@@ -938,12 +978,16 @@ async fn dead_letter_and_term<H: Handler>(
 ) {
     let consumer = shared.config.consumer.durable;
     let stream_sequence = msg.info().map_or(0, |i| i.stream_sequence);
+    let known = shared.first_failures.settled(stream_sequence);
+    // On its first delivery, this failure is the first one.
+    let first_failure = known.or_else(|| (delivered <= 1).then(OffsetDateTime::now_utc));
     let origin = Origin {
         subject: msg.subject.as_str(),
         stream: shared.config.consumer.stream,
         stream_sequence,
         consumer,
         deliveries: delivered,
+        first_failure,
     };
     match deadletter::publish(
         &shared.publisher,

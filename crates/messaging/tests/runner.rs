@@ -15,6 +15,8 @@ use common::{Env, Script, ScriptedHandler, header, order_created};
 use orderflow_contracts::names::{consumers, headers, streams, subjects};
 use orderflow_messaging::Publisher;
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -245,6 +247,11 @@ async fn always_failing_message_is_dead_lettered_after_max_deliver(db: TestDb) {
         Some(meta.id.to_string()),
         "original headers kept"
     );
+    let (first, last) = failure_times(dl);
+    assert!(
+        first < last,
+        "the first failure ({first}) is two retries before the dead letter ({last})"
+    );
     assert_eq!(handler.calls().len(), 3);
     assert_eq!(
         env.hits(&event.order_id.to_string()).await,
@@ -275,7 +282,18 @@ async fn permanent_failure_is_dead_lettered_at_once(db: TestDb) {
         header(&dls[0], headers::DL_DELIVERIES).as_deref(),
         Some("1")
     );
+    let (first, last) = failure_times(&dls[0]);
+    assert!(first <= last, "{first} then {last}");
     assert_eq!(handler.calls().len(), 1);
+}
+
+/// A dead letter's first and last failure times; both must be there.
+fn failure_times(dl: &async_nats::jetstream::Message) -> (OffsetDateTime, OffsetDateTime) {
+    let time = |name| {
+        let value = header(dl, name).unwrap_or_else(|| panic!("dead letter has no {name}"));
+        OffsetDateTime::parse(&value, &Rfc3339).unwrap()
+    };
+    (time(headers::DL_FIRST_FAILURE), time(headers::DL_TIME))
 }
 
 /// The same event delivered twice (here: published twice with different `Nats-Msg-Id`, as a
