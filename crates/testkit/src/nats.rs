@@ -59,13 +59,16 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// How a server process is launched: which binary, and in which process group.
+/// How a server process is launched: which binary, in which process group, and how its
+/// JetStream store syncs to disk.
 #[derive(Debug, Default, Clone)]
 struct Launch {
     /// The `nats-server` binary; `None` means [`nats_server_binary`].
     binary: Option<PathBuf>,
     /// Put the server in a process group of its own (see [`NatsServerBuilder::own_process_group`]).
     own_process_group: bool,
+    /// `sync_interval: always` (see [`NatsServerBuilder::sync_always`]).
+    sync_always: bool,
 }
 
 impl Launch {
@@ -137,6 +140,15 @@ impl NatsServerBuilder {
     #[must_use]
     pub fn own_process_group(mut self) -> Self {
         self.launch.own_process_group = true;
+        self
+    }
+
+    /// Fsync every JetStream write before acknowledging it (`sync_interval: always`), as the
+    /// production configuration in `deploy/nats` does, instead of the server's default (every
+    /// two minutes). Slower; for measuring that cost.
+    #[must_use]
+    pub fn sync_always(mut self) -> Self {
+        self.launch.sync_always = true;
         self
     }
 
@@ -394,12 +406,17 @@ impl NatsServer {
              listen: \"127.0.0.1:{port}\"\n\
              http: \"127.0.0.1:{monitor}\"\n\
              log_file: \"{log}\"\n\
-             jetstream {{\n  store_dir: \"{store}\"\n}}\n",
+             jetstream {{\n  store_dir: \"{store}\"\n{sync}}}\n",
             name = self.name,
             port = self.port,
             monitor = self.monitor_port,
             log = self.log_path().display(),
             store = self.store_dir().display(),
+            sync = if self.launch.sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            },
         );
         config.push_str(&self.extra_config);
         config.push('\n');
@@ -462,6 +479,21 @@ impl NatsServer {
         }
     }
 
+    /// GETs a monitoring endpoint (`/varz`, `/jsz`, …) and parses its JSON.
+    pub async fn monitor_json(&self, path: &str) -> Result<serde_json::Value, String> {
+        let response = http::get(self.monitor_port, path)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        if response.status != 200 {
+            return Err(format!(
+                "GET {path}: {} {}",
+                response.status,
+                response.body.trim()
+            ));
+        }
+        serde_json::from_str(&response.body).map_err(|e| format!("GET {path}: bad JSON: {e}"))
+    }
+
     /// One readiness probe; `Err` says what is not ready yet.
     async fn probe(&self, need_meta_leader: bool) -> Result<(), String> {
         let health = http::get(self.monitor_port, HEALTHZ_JS)
@@ -501,14 +533,7 @@ impl NatsServer {
     /// The JetStream meta leader as this server sees it (`/jsz` → `meta_cluster.leader`);
     /// empty while there is none.
     async fn meta_leader(&self) -> Result<String, String> {
-        let jsz = http::get(self.monitor_port, "/jsz")
-            .await
-            .map_err(|e| format!("GET /jsz: {e}"))?;
-        if jsz.status != 200 {
-            return Err(format!("GET /jsz: {} {}", jsz.status, jsz.body.trim()));
-        }
-        let json: serde_json::Value =
-            serde_json::from_str(&jsz.body).map_err(|e| format!("GET /jsz: bad JSON: {e}"))?;
+        let json = self.monitor_json("/jsz").await?;
         Ok(json
             .pointer("/meta_cluster/leader")
             .and_then(serde_json::Value::as_str)
@@ -643,6 +668,13 @@ impl NatsClusterBuilder {
     #[must_use]
     pub fn own_process_group(mut self) -> Self {
         self.launch.own_process_group = true;
+        self
+    }
+
+    /// Every node fsyncs every JetStream write (see [`NatsServerBuilder::sync_always`]).
+    #[must_use]
+    pub fn sync_always(mut self) -> Self {
+        self.launch.sync_always = true;
         self
     }
 

@@ -75,6 +75,18 @@ async fn start_on_a_chosen_port() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sync_always_makes_jetstream_fsync_every_write() {
+    let sync_always = |varz: serde_json::Value| varz["jetstream"]["config"]["sync_always"].clone();
+    let default = NatsServer::start().await;
+    let varz = default.monitor_json("/varz").await.unwrap();
+    // The default omits the setting (or says false).
+    assert_ne!(sync_always(varz.clone()), true, "{varz}");
+    let synced = NatsServer::builder().sync_always().start().await;
+    let varz = synced.monitor_json("/varz").await.unwrap();
+    assert_eq!(sync_always(varz.clone()), true, "{varz}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn three_node_cluster_serves_an_r3_stream() {
     let mut cluster = NatsCluster::start(3).await;
     assert_eq!(cluster.size(), 3);

@@ -93,6 +93,8 @@ pub struct Options {
     /// [`System::start_postgres`] may crash and start again. The shared test server is never
     /// restarted.
     pub private_postgres: bool,
+    /// nats-server fsyncs every JetStream write (`sync_interval: always`, as `deploy/nats`).
+    pub nats_sync_always: bool,
 }
 
 impl Default for Options {
@@ -108,6 +110,7 @@ impl Default for Options {
             extra_env: Vec::new(),
             nats_cluster: false,
             private_postgres: false,
+            nats_sync_always: false,
         }
     }
 }
@@ -154,11 +157,12 @@ pub enum Broker {
 }
 
 impl Broker {
-    async fn start(cluster: bool) -> Self {
-        if cluster {
-            Self::Cluster(NatsCluster::start(3).await)
-        } else {
-            Self::Single(NatsServer::start().await)
+    async fn start(cluster: bool, sync_always: bool) -> Self {
+        match (cluster, sync_always) {
+            (true, false) => Self::Cluster(NatsCluster::start(3).await),
+            (true, true) => Self::Cluster(NatsCluster::builder(3).sync_always().start().await),
+            (false, false) => Self::Single(NatsServer::start().await),
+            (false, true) => Self::Single(NatsServer::builder().sync_always().start().await),
         }
     }
 
@@ -374,7 +378,7 @@ impl System {
         postgres: Option<PostgresServer>,
     ) -> Self {
         let [orders_db, inventory_db, payments_db] = urls;
-        let nats = Broker::start(options.nats_cluster).await;
+        let nats = Broker::start(options.nats_cluster, options.nats_sync_always).await;
         let nats_url = nats.url();
         let mut procs = HashMap::new();
         let common = |port: u16, db: Option<&String>| {

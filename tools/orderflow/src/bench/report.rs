@@ -67,6 +67,8 @@ pub struct Scenario {
     pub duration_s: f64,
     /// Excluded start, seconds.
     pub warmup_s: f64,
+    /// Whether nats-server fsynced every JetStream write (`sync_interval: always`).
+    pub nats_sync_always: bool,
     /// The system.
     pub system: RunResult,
     /// The raw JetStream chain on the same server, same run.
@@ -191,6 +193,11 @@ pub fn markdown(results: &[Scenario], command: &str, machine: &str) -> String {
          The baseline is the raw JetStream chain: 4 publishes and 3 pull-consume-republish hops of a\n  \
          300-byte payload, no database, driven the same way on the same nats-server just before the system.\n"
     );
+    let _ = writeln!(
+        out,
+        "The targets, what this run reaches of them, and the profile of where the time goes:\n\
+         [performance.md](performance.md) (written by hand from this page's figures).\n"
+    );
     let _ = writeln!(out, "## Summary\n");
     let _ = writeln!(
         out,
@@ -237,8 +244,16 @@ fn section(out: &mut String, s: &Scenario) {
     let _ = writeln!(out, "\n## {}\n", s.name);
     let _ = writeln!(
         out,
-        "{} on {}, {:.0} s of load, the first {:.0} s excluded from the figures.\n",
-        s.load, s.store, s.duration_s, s.warmup_s
+        "{} on {}, {:.0} s of load, the first {:.0} s excluded from the figures; nats-server {}.\n",
+        s.load,
+        s.store,
+        s.duration_s,
+        s.warmup_s,
+        if s.nats_sync_always {
+            "fsyncing every write (`sync_interval: always`, as `deploy/nats`)"
+        } else {
+            "with its default fsync (every 2 minutes)"
+        }
     );
     let _ = writeln!(
         out,
