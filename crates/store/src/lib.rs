@@ -106,6 +106,56 @@ pub fn case_when(start: usize, n: usize) -> (String, String) {
     (whens, keys.join(", "))
 }
 
+/// Whether a connection is to PostgreSQL (rather than SQLite).
+pub fn is_postgres(conn: &sqlx::AnyConnection) -> bool {
+    conn.backend_name().eq_ignore_ascii_case("postgresql")
+}
+
+/// PostgreSQL: locks the rows of `table` whose `key` column is one of `keys`, in key order,
+/// until the transaction ends (`FOR NO KEY UPDATE`, the lock an `UPDATE` of other columns
+/// takes, so foreign-key checks of inserts elsewhere are not blocked). A multi-row `UPDATE`
+/// locks rows in whatever order its plan visits them, and two plans (an index scan, a bitmap
+/// scan) can disagree: two transactions updating overlapping rows can then deadlock, which
+/// PostgreSQL only detects after `deadlock_timeout` (1 s). Transactions that first lock their
+/// rows here wait for each other instead. No-op on SQLite, whose single writer serialises
+/// transactions anyway.
+///
+/// `table` and `key` are interpolated: pass constants, never input.
+pub async fn lock_in_key_order(
+    conn: &mut sqlx::AnyConnection,
+    table: &str,
+    key: &str,
+    keys: &[String],
+) -> Result<(), StoreError> {
+    if keys.is_empty() || !is_postgres(conn) {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT {key} FROM {table} WHERE {key} IN ({}) ORDER BY {key} FOR NO KEY UPDATE",
+        placeholders(1, keys.len())
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for k in keys {
+        query = query.bind(k.as_str());
+    }
+    query.execute(conn).await?;
+    Ok(())
+}
+
+/// PostgreSQL: takes the transaction-level advisory lock `key`, waiting for any other
+/// transaction holding it, so the transactions that take it run one at a time (across
+/// replicas too). For writers that all update the same few hot rows, where waiting costs
+/// nothing extra and any order of row locks could otherwise deadlock. No-op on SQLite.
+pub async fn serialize_with(conn: &mut sqlx::AnyConnection, key: i64) -> Result<(), StoreError> {
+    if is_postgres(conn) {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(key)
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Microseconds since the Unix epoch, the representation of every timestamp column.
 pub fn now_micros() -> i64 {
     to_micros(time::OffsetDateTime::now_utc())

@@ -88,9 +88,59 @@ async fn unique_violations_are_not_transient(db: TestDb) {
     assert!(orderflow_store::StoreError::Sqlx(err).is_unique_violation());
 }
 
+/// On PostgreSQL the rows locked in key order, and the advisory lock, are held until the
+/// transaction ends: another writer waits (here: gives up after its lock timeout). On SQLite
+/// both are no-ops.
+async fn locks_in_key_order_hold_until_the_transaction_ends(db: TestDb) {
+    let a = Db::connect(db.url(), &DbOptions::default()).await.unwrap();
+    migrate(&a, "widgets", MIGRATIONS).await.unwrap();
+    sqlx::query("INSERT INTO widgets (name) VALUES ('a'), ('b')")
+        .execute(a.writer())
+        .await
+        .unwrap();
+    let keys = ["b".to_owned(), "a".to_owned(), "missing".to_owned()];
+    let mut tx = a.begin().await.unwrap();
+    orderflow_store::lock_in_key_order(&mut tx, "widgets", "name", &keys)
+        .await
+        .unwrap();
+    orderflow_store::serialize_with(&mut tx, 42).await.unwrap();
+    if a.backend() == Backend::Postgres {
+        let other = Db::connect(db.url(), &DbOptions::default()).await.unwrap();
+        let mut conn = other.writer().acquire().await.unwrap();
+        sqlx::query("SET lock_timeout = '200ms'")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let blocked = sqlx::query("UPDATE widgets SET size = 1 WHERE name = 'a'")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(blocked.to_string().contains("lock timeout"), "{blocked}");
+        let try_advisory = "SELECT pg_try_advisory_lock(42)";
+        let got: bool = sqlx::query_scalar(try_advisory)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert!(!got, "the advisory lock is held by the transaction");
+        tx.commit().await.unwrap();
+        sqlx::query("UPDATE widgets SET size = 1 WHERE name = 'a'")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let got: bool = sqlx::query_scalar(try_advisory)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert!(got, "released at commit");
+    } else {
+        tx.commit().await.unwrap();
+    }
+}
+
 on_every_backend!(
     migrations_apply_once_even_when_raced,
-    unique_violations_are_not_transient
+    unique_violations_are_not_transient,
+    locks_in_key_order_hold_until_the_transaction_ends
 );
 
 #[tokio::test]

@@ -97,6 +97,7 @@ impl Handler for OrdersHandler {
         work: &mut BatchWork<'_>,
         batch: &[(&Incoming<OrderEvent>, ())],
     ) -> Result<(), HandlerError> {
+        serialize_stock_writers(work).await?;
         // Orders are decided in message order; a cancellation (rare) ends a run of creations.
         let mut created = Vec::new();
         for (msg, ()) in batch {
@@ -264,6 +265,7 @@ impl Handler for PaymentsHandler {
         work: &mut BatchWork<'_>,
         batch: &[(&Incoming<PaymentEvent>, ())],
     ) -> Result<(), HandlerError> {
+        serialize_stock_writers(work).await?;
         let outcome = |msg: &Incoming<PaymentEvent>| match &msg.event {
             PaymentEvent::Completed(e) => (e.order_id, true),
             PaymentEvent::Failed(e) => (e.order_id, false),
@@ -310,6 +312,18 @@ impl Handler for PaymentsHandler {
         release.apply(work, Move::ReleaseReserved).await?;
         Ok(())
     }
+}
+
+/// The advisory lock that makes the batches writing stock run one at a time (PostgreSQL).
+const STOCK_WRITERS_LOCK: i64 = 0x7374_6f63_6b77_7269; // "stockwri"
+
+/// Waits until no other batch writes stock, on PostgreSQL (SQLite has one writer anyway).
+/// Every batch updates the same few product rows, so batches wait for each other regardless;
+/// taking turns up front keeps them from locking those rows in different orders, which
+/// deadlocks and costs `deadlock_timeout` (1 s) each time. It also means the stock a batch
+/// reads is the stock it updates.
+async fn serialize_stock_writers(work: &mut BatchWork<'_>) -> Result<(), HandlerError> {
+    Ok(orderflow_store::serialize_with(work.conn(), STOCK_WRITERS_LOCK).await?)
 }
 
 /// Another transaction moved a reservation between our read and our update: the batch is

@@ -154,6 +154,14 @@ impl<I: OrderEvent> Handler for OrderEventHandler<I> {
         work: &mut BatchWork<'_>,
         batch: &[(&Incoming<I>, ())],
     ) -> Result<(), HandlerError> {
+        // Every order the batch touches, locked up front in key order: the outcome consumers
+        // update overlapping orders at once (an order's payment outcome can arrive while its
+        // stock decision is still being applied), each with several statements.
+        let orders: Vec<String> = batch
+            .iter()
+            .map(|(msg, ())| msg.event.effect().order_id.to_string())
+            .collect();
+        orderflow_store::lock_in_key_order(work.conn(), "orders", "order_id", &orders).await?;
         // A round sees the effects of the rounds before it, as messages applied one by one
         // would.
         for round in batch.chunks(MESSAGES_PER_ROUND) {
