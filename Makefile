@@ -1,6 +1,6 @@
 # Entry points for people and CI. `make test` is exactly what CI runs (.ci/run).
 .DEFAULT_GOAL := help
-.PHONY: help tools test up fmt lint
+.PHONY: help tools test up bench chaos fmt lint
 
 help: ## List the targets
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | \
@@ -15,6 +15,16 @@ test: ## Run every check and test: fmt, clippy, build, tests on real NATS and Po
 up: ## Run the whole system locally until Ctrl-C (flags: make up ARGS='--store postgres --cluster')
 	cargo build --release --bins
 	"$${CARGO_TARGET_DIR:-target}/release/orderflow" up $(ARGS)
+
+bench: tools ## Measure every standard scenario and rewrite docs/benchmarks.md (~17 min, wants a quiet machine)
+	scripts/install-postgres.sh >/dev/null
+	cargo build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/orderflow" bench --write-doc docs/benchmarks.md $(ARGS)
+
+chaos: tools ## The chaos suite's full tier on SQLite and PostgreSQL, printing the table of docs/reliability.md (~12 min)
+	scripts/install-postgres.sh >/dev/null
+	cargo build --release --bins
+	"$${CARGO_TARGET_DIR:-target}/release/chaos" --tier full --backend both --markdown $(ARGS)
 
 fmt: ## Format the code
 	cargo fmt --all

@@ -265,30 +265,26 @@ impl PostgresServer {
 
     /// Stops the server with a fast shutdown (`pg_ctl stop -m fast`), waiting for it.
     pub fn stop(&mut self) {
-        if self.running {
-            self.running = false;
-            run(
-                self.pg_command("pg_ctl")
-                    .arg("-D")
-                    .arg(self.data_dir())
-                    .args(["-w", "-m", "fast", "stop"]),
-                "stop PostgreSQL",
-            );
-        }
+        self.pg_ctl_stop("fast");
     }
 
     /// Stops the server the way a crash would: `pg_ctl stop -m immediate` (no shutdown
     /// checkpoint; every client connection is cut and the next start runs crash recovery).
     /// Blocks until it is down.
     pub fn kill(&mut self) {
+        self.pg_ctl_stop("immediate");
+    }
+
+    /// `pg_ctl stop -m <mode>`, waiting until the server is down; no-op when it is not running.
+    fn pg_ctl_stop(&mut self, mode: &str) {
         if self.running {
             self.running = false;
             run(
                 self.pg_command("pg_ctl")
                     .arg("-D")
                     .arg(self.data_dir())
-                    .args(["-w", "-m", "immediate", "stop"]),
-                "stop PostgreSQL immediately",
+                    .args(["-w", "-m", mode, "stop"]),
+                &format!("stop PostgreSQL ({mode})"),
             );
         }
     }

@@ -652,14 +652,11 @@ impl Auditor {
             "SELECT order_id, product_id, quantity FROM order_lines",
         )
         .await;
-        let keys: HashMap<String, String> = rows(
+        let keys = pairs(
             orders_db,
             "SELECT idempotency_key, order_id FROM idempotency_keys",
         )
-        .await
-        .into_iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-        .collect();
+        .await;
         let timeline_terminals = rows(
             orders_db,
             &format!(
@@ -676,12 +673,7 @@ impl Auditor {
             "SELECT product_id, available, reserved, committed, initial, restocked FROM products",
         )
         .await;
-        let reservations: HashMap<String, String> =
-            rows(inventory_db, "SELECT order_id, status FROM reservations")
-                .await
-                .into_iter()
-                .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-                .collect();
+        let reservations = pairs(inventory_db, "SELECT order_id, status FROM reservations").await;
         let reservation_lines = lines(
             inventory_db,
             "SELECT order_id, product_id, quantity FROM reservation_lines",
@@ -1094,6 +1086,15 @@ async fn rows(pool: &AnyPool, sql: &str) -> Vec<sqlx::any::AnyRow> {
         .fetch_all(pool)
         .await
         .unwrap_or_else(|e| panic!("auditor: {sql}: {e}"))
+}
+
+/// A query's two text columns as a map from the first to the second.
+async fn pairs(pool: &AnyPool, sql: &str) -> HashMap<String, String> {
+    rows(pool, sql)
+        .await
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 async fn lines(pool: &AnyPool, sql: &str) -> Vec<(String, String, i64)> {
