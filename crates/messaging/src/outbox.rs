@@ -18,7 +18,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use orderflow_contracts::{Event, EventId, EventMeta, encode};
-use orderflow_store::{AssertSqlSafe, Backend, Db, StoreError, Tx, now_micros, placeholders};
+use orderflow_store::{
+    AssertSqlSafe, Backend, Db, StoreError, Tx, now_micros, placeholders, values_list,
+};
 use sqlx::Row;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -63,20 +65,9 @@ impl Outbox {
     pub async fn insert(tx: &mut Tx, rows: &[OutboxRow]) -> Result<(), StoreError> {
         // 5 parameters a row; 400 rows stay far below both databases' parameter limits.
         for chunk in rows.chunks(400) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    format!(
-                        "(${}, ${}, ${}, ${}, $1)",
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4,
-                        4 * i + 5
-                    )
-                })
-                .collect();
             let sql = format!(
                 "INSERT INTO outbox (event_id, subject, headers, payload, created_at) VALUES {}",
-                values.join(", ")
+                values_list(chunk.len(), 4, 2, ", $1")
             );
             // Only generated placeholders are interpolated; every value is bound.
             let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());

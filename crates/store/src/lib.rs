@@ -90,6 +90,19 @@ pub fn placeholders(start: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// The `VALUES` list of a multi-row `INSERT`: `rows` tuples of `per_row` numbered
+/// placeholders from `$first` on, each tuple ending with `tail` (constants or parameters every
+/// row shares). `values_list(2, 2, 2, ", $1")` is `($2, $3, $1), ($4, $5, $1)`.
+pub fn values_list(rows: usize, per_row: usize, first: usize, tail: &str) -> String {
+    (0..rows)
+        .map(|row| {
+            let start = first + row * per_row;
+            format!("({}{tail})", placeholders(start, per_row))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// For an `UPDATE … SET col = CASE key WHEN … END WHERE key IN (…)` over `n` rows whose
 /// `(key, value)` parameters are bound in pairs from `$start`: returns the `WHEN $k THEN $v`
 /// list and the `IN` list of keys. One statement then sets a different value per row on both
@@ -175,6 +188,13 @@ pub fn from_micros(us: i64) -> time::OffsetDateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_list_numbers_every_row_and_keeps_the_tail() {
+        assert_eq!(values_list(2, 2, 2, ", $1"), "($2, $3, $1), ($4, $5, $1)");
+        assert_eq!(values_list(1, 3, 1, ""), "($1, $2, $3)");
+        assert_eq!(values_list(0, 3, 1, ""), "");
+    }
 
     #[test]
     fn classifies_database_codes() {

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use orderflow_contracts::events::{OrderLine, PricedLine};
 use orderflow_contracts::{Currency, Money, OrderId, ProductId, Quantity};
-use orderflow_store::{AssertSqlSafe, Db, StoreError, case_when, now_micros, placeholders};
+use orderflow_store::{
+    AssertSqlSafe, Db, StoreError, case_when, now_micros, placeholders, values_list,
+};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
@@ -314,20 +316,9 @@ pub async fn insert_reservations(
     if rows.is_empty() {
         return Ok(());
     }
-    let values: Vec<String> = (0..rows.len())
-        .map(|i| {
-            format!(
-                "(${}, ${}, ${}, ${}, $1, $1)",
-                4 * i + 2,
-                4 * i + 3,
-                4 * i + 4,
-                4 * i + 5
-            )
-        })
-        .collect();
     let sql = format!(
         "INSERT INTO reservations (order_id, status, total_minor, currency, created_at, updated_at) VALUES {}",
-        values.join(", ")
+        values_list(rows.len(), 4, 2, ", $1, $1")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
     for r in rows {
@@ -346,20 +337,9 @@ pub async fn insert_reservations(
     if lines.is_empty() {
         return Ok(());
     }
-    let values: Vec<String> = (0..lines.len())
-        .map(|i| {
-            format!(
-                "(${}, ${}, ${}, ${})",
-                4 * i + 1,
-                4 * i + 2,
-                4 * i + 3,
-                4 * i + 4
-            )
-        })
-        .collect();
     let sql = format!(
         "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) VALUES {}",
-        values.join(", ")
+        values_list(lines.len(), 4, 1, "")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for (order_id, l) in lines {

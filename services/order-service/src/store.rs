@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet};
 
 use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId};
-use orderflow_store::{AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders};
+use orderflow_store::{
+    AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders, values_list,
+};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 use time::OffsetDateTime;
@@ -127,20 +129,9 @@ pub async fn insert_orders(
     }
     // 4 parameters an order and 3 a line; a placing batch is at most 128 orders of at most 50
     // lines, well below both databases' parameter limits.
-    let values: Vec<String> = (0..orders.len())
-        .map(|i| {
-            format!(
-                "(${}, ${}, ${}, 'pending', ${}, $1, $1)",
-                4 * i + 2,
-                4 * i + 3,
-                4 * i + 4,
-                4 * i + 5
-            )
-        })
-        .collect();
     let sql = format!(
-        "INSERT INTO orders (order_id, customer_id, payment_method, status, correlation_id, created_at, updated_at) VALUES {}",
-        values.join(", ")
+        "INSERT INTO orders (order_id, customer_id, payment_method, correlation_id, status, created_at, updated_at) VALUES {}",
+        values_list(orders.len(), 4, 2, ", 'pending', $1, $1")
     );
     // Only generated placeholders are interpolated; every value is bound.
     let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
@@ -157,12 +148,9 @@ pub async fn insert_orders(
         .iter()
         .flat_map(|r| r.order.lines.iter().map(move |l| (r.order_id, l)))
         .collect();
-    let values: Vec<String> = (0..lines.len())
-        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-        .collect();
     let sql = format!(
         "INSERT INTO order_lines (order_id, product_id, quantity) VALUES {}",
-        values.join(", ")
+        values_list(lines.len(), 3, 1, "")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for (order_id, line) in lines {
@@ -198,21 +186,9 @@ pub async fn insert_timeline(
     if rows.is_empty() {
         return Ok(());
     }
-    let values: Vec<String> = (0..rows.len())
-        .map(|i| {
-            format!(
-                "(${}, ${}, ${}, ${}, ${})",
-                5 * i + 1,
-                5 * i + 2,
-                5 * i + 3,
-                5 * i + 4,
-                5 * i + 5
-            )
-        })
-        .collect();
     let sql = format!(
         "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES {}",
-        values.join(", ")
+        values_list(rows.len(), 5, 1, "")
     );
     let mut query = sqlx::query(AssertSqlSafe(sql));
     for r in rows {
