@@ -55,6 +55,8 @@ step() {
 ORDERFLOW_NATS_SERVER="$(scripts/install-nats.sh)"
 export ORDERFLOW_NATS_SERVER
 log "nats-server: $ORDERFLOW_NATS_SERVER"
+# A clean build and the test run need several GB; a full disk fails deep inside rustc.
+log "free disk space here: $(df -Ph . | awk 'NR == 2 { print $4 }')"
 
 if [[ -z "${ORDERFLOW_TEST_POSTGRES_URL:-}" ]]; then
     ORDERFLOW_PG_BINDIR="$(scripts/install-postgres.sh)"
