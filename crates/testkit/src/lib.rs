@@ -141,6 +141,34 @@ where
     }
 }
 
+/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `msg_id` until JetStream acknowledges
+/// it (within `timeout`), and returns the ack. Right after a replicated stream is created or a
+/// cluster restarts, the stream may still be electing its leader and refuse writes for a
+/// moment; the message id makes a retry after a lost ack a duplicate, not a second message.
+pub async fn publish_acked(
+    js: &async_nats::jetstream::Context,
+    timeout: Duration,
+    subject: &str,
+    msg_id: &str,
+    payload: &'static str,
+) -> async_nats::jetstream::publish::PublishAck {
+    eventually(
+        timeout,
+        &format!("an acknowledged publish to {subject}"),
+        || async {
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .message_id(msg_id)
+                .payload(payload.into());
+            js.send_publish(subject.to_owned(), publish)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await
+}
+
 /// Polls `check` every [`POLL_INTERVAL`] until it returns `true`; panics with "`what` did not
 /// happen within `timeout`" otherwise. See [`eventually`].
 pub async fn eventually_true<F, Fut>(timeout: Duration, what: &str, mut check: F)

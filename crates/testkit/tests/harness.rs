@@ -139,17 +139,7 @@ async fn three_node_cluster_serves_an_r3_stream() {
 /// Publishes until acknowledged. Retrying is safe: the `Nats-Msg-Id` makes JetStream drop a
 /// copy whose first attempt was stored but whose ack was lost (e.g. during an election).
 async fn publish_acked(js: &jetstream::Context, subject: &'static str, id: &'static str) {
-    eventually(WAIT, &format!("an acked publish to {subject}"), || async {
-        let publish = jetstream::message::PublishMessage::build()
-            .message_id(id)
-            .payload("r3".into());
-        js.send_publish(subject, publish)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    orderflow_testkit::publish_acked(js, WAIT, subject, id, "r3").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -116,11 +116,9 @@ async fn cluster_with_fixed_ports_restarts_from_its_data_dir() {
     })
     .await
     .unwrap();
-    js.publish("kept3.one", "replicated".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    // The new stream may still be electing its leader: publish until acknowledged.
+    let wait = std::time::Duration::from_secs(20);
+    orderflow_testkit::publish_acked(&js, wait, "kept3.one", "one", "replicated").await;
     drop(js);
     drop(cluster);
     for i in 0..3 {
