@@ -237,14 +237,14 @@ impl OutboxRelay {
         self.publish_rows(rows).await
     }
 
-    /// Marks rows as sent: one statement, so no transaction around it (on SQLite an explicit
-    /// one would add a `BEGIN` and a `COMMIT`, each a round trip to the connection's thread).
+    /// Marks rows as sent.
     pub async fn mark_sent(&self, ids: &[i64]) -> Result<(), MessagingError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.db.writer().acquire().await.map_err(StoreError::from)?;
-        mark_sent(&mut conn, ids).await?;
+        let mut tx = self.db.begin().await?;
+        mark_sent(&mut tx, ids).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -374,13 +374,13 @@ where
         .map_err(StoreError::from)
 }
 
-async fn mark_sent(conn: &mut sqlx::AnyConnection, ids: &[i64]) -> Result<(), StoreError> {
+async fn mark_sent(tx: &mut Tx, ids: &[i64]) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());
     }
     let rows: Vec<(i64,)> = ids.iter().map(|id| (*id,)).collect();
     let sql = "UPDATE outbox SET sent_at = $2 \
                WHERE id IN (SELECT CAST(value ->> 0 AS BIGINT) FROM {rows})";
-    execute_rows(conn, sql, &rows, Some(now_micros())).await?;
+    execute_rows(tx, sql, &rows, Some(now_micros())).await?;
     Ok(())
 }
