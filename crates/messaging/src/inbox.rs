@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use orderflow_contracts::EventId;
-use orderflow_store::{AssertSqlSafe, Db, StoreError, Tx, json_param, json_rows, now_micros};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, Tx, now_micros};
 
 /// Records that `consumer` handles `event_id`. Returns `false` when it already had.
 pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bool, StoreError> {
@@ -26,9 +26,6 @@ pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bo
 
 /// Records that `consumer` handles each of `event_ids` in one statement. Returns the ids that
 /// were new (the others had been handled before).
-///
-/// The ids are inserted in key order, so two transactions recording overlapping ids (a
-/// redelivery handled by two replicas at once) wait for each other instead of deadlocking.
 pub async fn record_many(
     tx: &mut Tx,
     consumer: &str,
@@ -37,22 +34,22 @@ pub async fn record_many(
     if event_ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut keys: Vec<(String,)> = event_ids.iter().map(|id| (id.to_string(),)).collect();
-    keys.sort_unstable();
-    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert, not a join clause.
+    let rows: Vec<String> = (0..event_ids.len())
+        .map(|i| format!("($1, ${}, $2)", i + 3))
+        .collect();
     let sql = format!(
-        "INSERT INTO inbox (consumer, event_id, processed_at) \
-         SELECT $1, value ->> 0, $2 FROM {} WHERE true ORDER BY key \
+        "INSERT INTO inbox (consumer, event_id, processed_at) VALUES {} \
          ON CONFLICT DO NOTHING RETURNING event_id",
-        json_rows(tx, 3)
+        rows.join(", ")
     );
-    // Only the generated table function is interpolated; every value is bound.
-    let inserted = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
         .bind(consumer)
-        .bind(now_micros())
-        .bind(json_param(&keys)?)
-        .fetch_all(&mut **tx)
-        .await?;
+        .bind(now_micros());
+    for id in event_ids {
+        query = query.bind(id.to_string());
+    }
+    let inserted = query.fetch_all(&mut **tx).await?;
     Ok(inserted.iter().filter_map(|s| s.parse().ok()).collect())
 }
 

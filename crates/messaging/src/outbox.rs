@@ -18,7 +18,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use orderflow_contracts::{Event, EventId, EventMeta, encode};
-use orderflow_store::{Backend, Db, StoreError, Tx, execute_rows, now_micros};
+use orderflow_store::{
+    AssertSqlSafe, Backend, Db, StoreError, Tx, now_micros, placeholders, values_list,
+};
 use sqlx::Row;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -59,22 +61,25 @@ impl Outbox {
         Ok(meta.id)
     }
 
-    /// Writes prepared rows into the outbox inside `tx`, all in one statement, in order (the
-    /// relay publishes by id).
+    /// Writes prepared rows into the outbox inside `tx`, many per statement.
     pub async fn insert(tx: &mut Tx, rows: &[OutboxRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
+        // 5 parameters a row; 400 rows stay far below both databases' parameter limits.
+        for chunk in rows.chunks(400) {
+            let sql = format!(
+                "INSERT INTO outbox (event_id, subject, headers, payload, created_at) VALUES {}",
+                values_list(chunk.len(), 4, 2, ", $1")
+            );
+            // Only generated placeholders are interpolated; every value is bound.
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+            for row in chunk {
+                query = query
+                    .bind(row.event_id.to_string())
+                    .bind(row.subject)
+                    .bind(row.headers.as_str())
+                    .bind(row.payload.as_str());
+            }
+            query.execute(&mut **tx).await?;
         }
-        let rows: Vec<(String, &str, &str, &str)> = rows
-            .iter()
-            .map(|r| {
-                let id = r.event_id.to_string();
-                (id, r.subject, r.headers.as_str(), r.payload.as_str())
-            })
-            .collect();
-        let sql = "INSERT INTO outbox (event_id, subject, headers, payload, created_at) \
-                   SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, $2 FROM {rows} ORDER BY key";
-        execute_rows(tx, sql, &rows, Some(now_micros())).await?;
         Ok(())
     }
 
@@ -376,11 +381,16 @@ where
 
 async fn mark_sent(tx: &mut Tx, ids: &[i64]) -> Result<(), StoreError> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(()); // `IN ()` is not valid SQL on PostgreSQL
     }
-    let rows: Vec<(i64,)> = ids.iter().map(|id| (*id,)).collect();
-    let sql = "UPDATE outbox SET sent_at = $2 \
-               WHERE id IN (SELECT CAST(value ->> 0 AS BIGINT) FROM {rows})";
-    execute_rows(tx, sql, &rows, Some(now_micros())).await?;
+    let sql = format!(
+        "UPDATE outbox SET sent_at = $1 WHERE id IN ({})",
+        placeholders(2, ids.len())
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for id in ids {
+        query = query.bind(*id);
+    }
+    query.execute(&mut **tx).await?;
     Ok(())
 }

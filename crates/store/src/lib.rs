@@ -103,48 +103,6 @@ pub fn values_list(rows: usize, per_row: usize, first: usize, tail: &str) -> Str
         .join(", ")
 }
 
-/// The rows of a batch as ONE parameter: a JSON array of arrays (serialize a `Vec` of tuples
-/// with `serde_json`), read in SQL as a table. Returns the `FROM` item for parameter `$param`,
-/// which yields a column `value` (one row, read field `i` with `value ->> i`, which is text;
-/// wrap it in `CAST(… AS BIGINT)` for integers) and a column `key` that orders the rows as
-/// in the array. SQLite's `json_each`, PostgreSQL's `jsonb_array_elements … WITH ORDINALITY`.
-///
-/// Beside multi-row `VALUES` lists, which give a statement of a different text for every
-/// batch size, this keeps ONE text per statement: it is prepared once and found in the
-/// connection's statement cache ever after, and binding one parameter is cheap, where SQLite
-/// looks `$N` names up one by one.
-pub fn json_rows(conn: &sqlx::AnyConnection, param: usize) -> String {
-    if is_postgres(conn) {
-        format!("jsonb_array_elements(${param}::jsonb) WITH ORDINALITY AS rows (value, key)")
-    } else {
-        format!("json_each(${param})")
-    }
-}
-
-/// The parameter [`json_rows`] reads: `rows` (a slice of tuples) as a JSON array of arrays.
-pub fn json_param(rows: &impl serde::Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(rows).map_err(|e| StoreError::Sqlx(sqlx::Error::Encode(Box::new(e))))
-}
-
-/// Executes `sql` over a batch of rows given as one parameter: `{rows}` in `sql` stands for
-/// the [`json_rows`] table of `$1`, which is `rows`; `$2`, when `stamp` is given, is that
-/// time (microseconds since the epoch). Returns the number of rows affected.
-///
-/// `sql` is interpolated: pass constants, never input.
-pub async fn execute_rows(
-    conn: &mut sqlx::AnyConnection,
-    sql: &str,
-    rows: &impl serde::Serialize,
-    stamp: Option<i64>,
-) -> Result<u64, StoreError> {
-    let sql = sql.replace("{rows}", &json_rows(conn, 1));
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(json_param(rows)?);
-    if let Some(stamp) = stamp {
-        query = query.bind(stamp);
-    }
-    Ok(query.execute(conn).await?.rows_affected())
-}
-
 /// For an `UPDATE … SET col = CASE key WHEN … END WHERE key IN (…)` over `n` rows whose
 /// `(key, value)` parameters are bound in pairs from `$start`: returns the `WHEN $k THEN $v`
 /// list and the `IN` list of keys. One statement then sets a different value per row on both

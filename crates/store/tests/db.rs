@@ -137,44 +137,10 @@ async fn locks_in_key_order_hold_until_the_transaction_ends(db: TestDb) {
     }
 }
 
-/// A batch passed as one JSON parameter arrives intact and in order: text with quotes,
-/// backslashes, newlines and non-ASCII, integers beyond 32 bits, and the stamp parameter.
-async fn rows_given_as_one_parameter_arrive_intact_and_in_order(db: TestDb) {
-    let a = Db::connect(db.url(), &DbOptions::default()).await.unwrap();
-    migrate(&a, "widgets", MIGRATIONS).await.unwrap();
-    let rows = [
-        ("zeta \"quoted\" \\ back\nslash", 5_000_000_000_i64),
-        ("alpha, {\"json\": [1]}", -1),
-        ("ünïcode ✓", 0),
-    ];
-    let mut tx = a.begin().await.unwrap();
-    let sql = "INSERT INTO widgets (name, size) \
-               SELECT value ->> 0, CAST(value ->> 1 AS BIGINT) + $2 FROM {rows} ORDER BY key";
-    let inserted = orderflow_store::execute_rows(&mut tx, sql, &rows, Some(7))
-        .await
-        .unwrap();
-    assert_eq!(inserted, 3);
-    // An empty batch is a valid table with no rows.
-    let none: [(i64,); 0] = [];
-    let sql = "DELETE FROM widgets WHERE id IN (SELECT CAST(value ->> 0 AS BIGINT) FROM {rows})";
-    let deleted = orderflow_store::execute_rows(&mut tx, sql, &none, None)
-        .await
-        .unwrap();
-    assert_eq!(deleted, 0);
-    tx.commit().await.unwrap();
-    let back: Vec<(String, i64)> = sqlx::query_as("SELECT name, size FROM widgets ORDER BY id")
-        .fetch_all(a.reader())
-        .await
-        .unwrap();
-    let expected: Vec<(String, i64)> = rows.iter().map(|(n, s)| ((*n).to_owned(), s + 7)).collect();
-    assert_eq!(back, expected);
-}
-
 on_every_backend!(
     migrations_apply_once_even_when_raced,
     unique_violations_are_not_transient,
-    locks_in_key_order_hold_until_the_transaction_ends,
-    rows_given_as_one_parameter_arrive_intact_and_in_order
+    locks_in_key_order_hold_until_the_transaction_ends
 );
 
 #[tokio::test]

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId};
 use orderflow_store::{
-    AssertSqlSafe, Db, StoreError, execute_rows, from_micros, json_param, json_rows, now_micros,
+    AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders, values_list,
 };
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
@@ -127,31 +127,39 @@ pub async fn insert_orders(
     if orders.is_empty() {
         return Ok(());
     }
-    let rows: Vec<(String, &str, &str, String)> = orders
-        .iter()
-        .map(|r| {
-            let (order, customer) = (r.order_id.to_string(), r.order.customer_id.as_str());
-            let (method, correlation) = (r.order.payment_method.as_str(), r.correlation_id);
-            (order, customer, method, correlation.to_string())
-        })
-        .collect();
-    let sql = "INSERT INTO orders (order_id, customer_id, payment_method, correlation_id, status, created_at, updated_at) \
-               SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, 'pending', $2, $2 FROM {rows} ORDER BY key";
-    execute_rows(conn, sql, &rows, Some(now_micros())).await?;
+    // 4 parameters an order and 3 a line; a placing batch is at most 128 orders of at most 50
+    // lines, well below both databases' parameter limits.
+    let sql = format!(
+        "INSERT INTO orders (order_id, customer_id, payment_method, correlation_id, status, created_at, updated_at) VALUES {}",
+        values_list(orders.len(), 4, 2, ", 'pending', $1, $1")
+    );
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
+    for row in orders {
+        query = query
+            .bind(row.order_id.to_string())
+            .bind(row.order.customer_id.as_str())
+            .bind(row.order.payment_method.as_str())
+            .bind(row.correlation_id.to_string());
+    }
+    query.execute(&mut *conn).await?;
 
-    let lines: Vec<(String, &str, i64)> = orders
+    let lines: Vec<(OrderId, &orderflow_contracts::events::OrderLine)> = orders
         .iter()
-        .flat_map(|r| {
-            let order_id = r.order_id.to_string();
-            r.order.lines.iter().map(move |l| {
-                let quantity = i64::from(l.quantity.get());
-                (order_id.clone(), l.product_id.as_str(), quantity)
-            })
-        })
+        .flat_map(|r| r.order.lines.iter().map(move |l| (r.order_id, l)))
         .collect();
-    let sql = "INSERT INTO order_lines (order_id, product_id, quantity) \
-               SELECT value ->> 0, value ->> 1, CAST(value ->> 2 AS BIGINT) FROM {rows} ORDER BY key";
-    execute_rows(conn, sql, &lines, None).await?;
+    let sql = format!(
+        "INSERT INTO order_lines (order_id, product_id, quantity) VALUES {}",
+        values_list(lines.len(), 3, 1, "")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for (order_id, line) in lines {
+        query = query
+            .bind(order_id.to_string())
+            .bind(line.product_id.as_str())
+            .bind(i64::from(line.quantity.get()));
+    }
+    query.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -178,18 +186,20 @@ pub async fn insert_timeline(
     if rows.is_empty() {
         return Ok(());
     }
-    let rows: Vec<(String, &str, String, i64, String)> = rows
-        .iter()
-        .map(|r| {
-            let (order, event_id) = (r.order_id.to_string(), r.event_id.to_string());
-            let at = orderflow_store::to_micros(r.at);
-            (order, r.event, event_id, at, r.detail.to_string())
-        })
-        .collect();
-    let sql = "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) \
-               SELECT value ->> 0, value ->> 1, value ->> 2, CAST(value ->> 3 AS BIGINT), value ->> 4 \
-               FROM {rows} ORDER BY key";
-    execute_rows(conn, sql, &rows, None).await?;
+    let sql = format!(
+        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES {}",
+        values_list(rows.len(), 5, 1, "")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for r in rows {
+        query = query
+            .bind(r.order_id.to_string())
+            .bind(r.event)
+            .bind(r.event_id.to_string())
+            .bind(orderflow_store::to_micros(r.at))
+            .bind(r.detail.to_string());
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 
@@ -243,16 +253,16 @@ pub async fn existing(
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let keys: Vec<(String,)> = ids.iter().map(|id| (id.to_string(),)).collect();
     let sql = format!(
-        "SELECT order_id FROM orders WHERE order_id IN (SELECT value ->> 0 FROM {})",
-        json_rows(conn, 1)
+        "SELECT order_id FROM orders WHERE order_id IN ({})",
+        placeholders(1, ids.len())
     );
-    // Only the generated table function is interpolated; every value is bound.
-    let found: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
-        .bind(json_param(&keys)?)
-        .fetch_all(conn)
-        .await?;
+    // Only generated placeholders are interpolated; every value is bound.
+    let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
+    for id in ids {
+        query = query.bind(id.to_string());
+    }
+    let found: Vec<String> = query.fetch_all(conn).await?;
     Ok(found.iter().filter_map(|id| id.parse().ok()).collect())
 }
 
