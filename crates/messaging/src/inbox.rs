@@ -26,6 +26,9 @@ pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bo
 
 /// Records that `consumer` handles each of `event_ids` in one statement. Returns the ids that
 /// were new (the others had been handled before).
+///
+/// The ids are inserted in key order, so two transactions recording overlapping ids (a
+/// redelivery handled by two replicas at once) wait for each other instead of deadlocking.
 pub async fn record_many(
     tx: &mut Tx,
     consumer: &str,
@@ -46,8 +49,10 @@ pub async fn record_many(
     let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
         .bind(consumer)
         .bind(now_micros());
-    for id in event_ids {
-        query = query.bind(id.to_string());
+    let mut keys: Vec<String> = event_ids.iter().map(ToString::to_string).collect();
+    keys.sort_unstable();
+    for key in keys {
+        query = query.bind(key);
     }
     let inserted = query.fetch_all(&mut **tx).await?;
     Ok(inserted.iter().filter_map(|s| s.parse().ok()).collect())
