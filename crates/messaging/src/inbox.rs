@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use orderflow_contracts::EventId;
-use orderflow_store::{AssertSqlSafe, Db, StoreError, Tx, now_micros};
+use orderflow_store::{AssertSqlSafe, Db, StoreError, Tx, now_micros, values_list};
 
 /// Records that `consumer` handles `event_id`. Returns `false` when it already had.
 pub async fn record(tx: &mut Tx, consumer: &str, event_id: EventId) -> Result<bool, StoreError> {
@@ -37,13 +37,10 @@ pub async fn record_many(
     if event_ids.is_empty() {
         return Ok(HashSet::new());
     }
-    let rows: Vec<String> = (0..event_ids.len())
-        .map(|i| format!("($1, ${}, $2)", i + 3))
-        .collect();
     let sql = format!(
-        "INSERT INTO inbox (consumer, event_id, processed_at) VALUES {} \
+        "INSERT INTO inbox (event_id, consumer, processed_at) VALUES {} \
          ON CONFLICT DO NOTHING RETURNING event_id",
-        rows.join(", ")
+        values_list(event_ids.len(), 1, 3, ", $1, $2")
     );
     // Only generated placeholders are interpolated; every value is bound.
     let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
