@@ -1,16 +1,35 @@
-//! Connection pools and write transactions for SQLite and PostgreSQL.
+//! [`Db`]: a service's database as a few threads, each owning one connection, that run whole
+//! units of work sent to them.
+//!
+//! A unit of work is a closure over a [`Tx`]: [`Db::write`] runs it in a transaction on the
+//! writer, [`Db::read`] runs it on a reader. The closure runs from start to end on the thread
+//! that owns the connection, so a transaction of any number of statements costs one hand-off to
+//! that thread and one back, not two per statement.
+//!
+//! | backend | threads |
+//! |---|---|
+//! | SQLite | one writer (SQLite has one writer at a time anyway: writers queue in-process rather than spin on `SQLITE_BUSY`) and `max_connections` readers |
+//! | PostgreSQL | `max_connections` connections, each taking reads and writes |
+//!
+//! **Group commit (SQLite).** When units of work queue up for the writer, it runs them in one
+//! transaction, each inside a savepoint of its own: a unit that fails is rolled back to its
+//! savepoint and alone gets its error, the others commit together with one `COMMIT` (one fsync
+//! with `synchronous=FULL`). Each unit's result is delivered only after that commit. PostgreSQL
+//! connections run one unit per transaction: the server shares WAL flushes between concurrent
+//! commits by itself, and grouping units there could lock rows in orders no unit chose.
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures::FutureExt;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, ConnectOptions, Executor};
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::oneshot;
 
-use crate::StoreError;
-
-/// A write transaction. Dropping it without `commit()` rolls it back.
-pub type Tx = sqlx::Transaction<'static, Any>;
+use crate::postgres::PgSession;
+use crate::sqlite::{SqliteSession, SqliteTarget};
+use crate::tx::Session;
+use crate::{StoreError, Tx};
 
 /// Which database engine a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,33 +61,350 @@ impl Backend {
     }
 }
 
-/// Pool settings.
+/// Whether a commit waits for the disk (SQLite's `synchronous` in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is on disk before it returns (`synchronous=FULL`, one fsync per commit —
+    /// per group of units of work). An acknowledged message's effect survives a power loss.
+    #[default]
+    Full,
+    /// Commits reach the disk at the next checkpoint (`synchronous=NORMAL`): the database
+    /// stays consistent after a power loss, but the last commits may be lost — and the
+    /// messages acknowledged after them with them.
+    Normal,
+}
+
+impl Durability {
+    /// Parses `full` or `normal`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!("{other:?} is not full or normal")),
+        }
+    }
+
+    /// `"full"` or `"normal"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Normal => "normal",
+        }
+    }
+
+    pub(crate) const fn sqlite_pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Connection settings.
 #[derive(Debug, Clone)]
 pub struct DbOptions {
-    /// PostgreSQL: connections in the pool. SQLite: reader connections (there is always exactly
-    /// one writer connection, SQLite's own limit made explicit so writers queue in-process
-    /// instead of spinning on `SQLITE_BUSY`).
+    /// PostgreSQL: connections. SQLite: reader connections (there is always exactly one writer).
     pub max_connections: u32,
-    /// How long to wait for a free connection before reporting a (transient) error.
-    pub acquire_timeout: Duration,
+    /// PostgreSQL: how long connecting may take before the unit of work fails (transiently).
+    pub connect_timeout: Duration,
+    /// SQLite: whether a commit waits for the disk. (PostgreSQL: the server's
+    /// `synchronous_commit` decides.)
+    pub durability: Durability,
 }
 
 impl Default for DbOptions {
     fn default() -> Self {
         Self {
-            max_connections: 8,
-            acquire_timeout: Duration::from_secs(5),
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            durability: Durability::Full,
         }
+    }
+}
+
+/// The most units of work the SQLite writer puts in one transaction.
+const MAX_GROUP: usize = 64;
+
+/// A unit of work for the writer, with the channel its result goes back on.
+trait WriteUnit: Send {
+    /// Runs the unit in the open transaction; `true` when it succeeded (keep its writes).
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool;
+    /// Delivers the unit's result once the transaction's fate (`commit`) is known.
+    fn deliver(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+struct Unit<F, T, E> {
+    work: Option<F>,
+    out: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> WriteUnit for Unit<F, T, E>
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let out = work(tx);
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn deliver(self: Box<Self>, commit: Result<(), StoreError>) {
+        let result = match (self.out, commit) {
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (Some(Err(e)), _) => Err(e),
+            (_, Err(e)) => Err(E::from(e)),
+            (None, Ok(())) => Err(E::from(StoreError::Panicked(
+                "the unit of work did not finish".into(),
+            ))),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+type ReadUnit = Box<dyn FnOnce(Result<&mut Tx<'_>, StoreError>) + Send>;
+
+enum Job {
+    Write(Box<dyn WriteUnit>),
+    Read(ReadUnit),
+    Stop,
+}
+
+/// A set of threads taking jobs from one queue.
+struct Pool {
+    jobs: Sender<Job>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pool {
+    fn start(
+        name: &str,
+        threads: usize,
+        group: bool,
+        open: impl Fn() -> Result<Session, StoreError> + Send + Clone + 'static,
+    ) -> Result<Self, StoreError> {
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let (queue, open) = (queue.clone(), open.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || serve(&queue, group, &open))
+                .map_err(|e| {
+                    StoreError::Panicked(format!("cannot start a database thread: {e}"))
+                })?;
+            handles.push(handle);
+        }
+        Ok(Self {
+            jobs,
+            threads: Mutex::new(handles),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs.send(job).map_err(|_| StoreError::Closed)
+    }
+
+    /// Lets every thread finish the jobs queued before, then stop; waits for them.
+    async fn close(&self) {
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for _ in &handles {
+            let _ = self.jobs.send(Job::Stop);
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for handle in handles {
+                let _ = handle.join();
+            }
+        });
+        let _ = joined.await;
+    }
+}
+
+/// A database thread: opens its connection (again after it broke), runs the jobs it gets.
+fn serve(queue: &Receiver<Job>, group: bool, open: &dyn Fn() -> Result<Session, StoreError>) {
+    let mut session: Option<Session> = None;
+    let mut held: Option<Job> = None;
+    loop {
+        let job = match held.take() {
+            Some(job) => job,
+            None => match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return, // every Db handle is gone
+            },
+        };
+        match job {
+            Job::Stop => return,
+            Job::Read(unit) => match connected(&mut session, open) {
+                Ok(s) => {
+                    let mut tx = Tx::new(s);
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| unit(Ok(&mut tx)))).is_err() {
+                        tracing::error!("a read panicked on the database thread");
+                    }
+                }
+                Err(e) => unit(Err(e)),
+            },
+            Job::Write(first) => {
+                let mut units = vec![first];
+                if group {
+                    // Whatever else is waiting joins this transaction.
+                    while units.len() < MAX_GROUP {
+                        match queue.try_recv() {
+                            Ok(Job::Write(unit)) => units.push(unit),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                match connected(&mut session, open) {
+                    Ok(s) => transaction(s, units),
+                    Err(e) => fail_all(units, e),
+                }
+            }
+        }
+    }
+}
+
+fn connected<'s>(
+    session: &'s mut Option<Session>,
+    open: &dyn Fn() -> Result<Session, StoreError>,
+) -> Result<&'s mut Session, StoreError> {
+    if session.is_none() {
+        *session = Some(open()?);
+    }
+    let s = session.as_mut().ok_or(StoreError::Closed)?;
+    if let Session::Postgres(pg) = s {
+        pg.ensure_connected()?;
+    }
+    Ok(s)
+}
+
+fn fail_all(units: Vec<Box<dyn WriteUnit>>, e: StoreError) {
+    // Shared keeps the error's kind: a transient failure is retried by the callers.
+    let e = Arc::new(e);
+    for unit in units {
+        unit.deliver(Err(StoreError::Shared(e.clone())));
+    }
+}
+
+/// Runs `units` in one transaction (each in a savepoint when there are several), commits, and
+/// delivers every result.
+fn transaction(session: &mut Session, mut units: Vec<Box<dyn WriteUnit>>) {
+    if let Err(e) = begin(session) {
+        fail_all(units, e);
+        return;
+    }
+    let grouped = units.len() > 1;
+    let mut kept = 0;
+    for unit in &mut units {
+        if grouped && let Err(e) = savepoint(session, "SAVEPOINT unit") {
+            tracing::warn!(error = %e, "cannot open a savepoint");
+            break;
+        }
+        let ok = {
+            let mut tx = Tx::new(session);
+            std::panic::catch_unwind(AssertUnwindSafe(|| unit.run(&mut tx))).unwrap_or_else(|_| {
+                tracing::error!("a unit of work panicked on the database thread; rolled back");
+                false
+            })
+        };
+        if grouped {
+            let end = if ok {
+                "RELEASE unit"
+            } else {
+                "ROLLBACK TO unit; RELEASE unit"
+            };
+            if let Err(e) = savepoint(session, end) {
+                tracing::warn!(error = %e, "cannot close a savepoint");
+            }
+        }
+        if ok {
+            kept += 1;
+        }
+        if !in_transaction(session) {
+            // SQLite rolled the whole transaction back by itself (disk full, I/O error): what
+            // the units before did is gone with it.
+            break;
+        }
+    }
+    let outcome = if !in_transaction(session) {
+        Err(StoreError::Decode(
+            "the transaction was rolled back by the database after an error".into(),
+        ))
+    } else if kept == 0 {
+        rollback(session);
+        Ok(())
+    } else {
+        commit(session).inspect_err(|_| rollback(session))
+    };
+    match outcome {
+        Ok(()) => {
+            for unit in units {
+                unit.deliver(Ok(()));
+            }
+        }
+        Err(e) if !grouped => {
+            if let Some(unit) = units.pop() {
+                unit.deliver(Err(e));
+            }
+        }
+        Err(e) => fail_all(units, e),
+    }
+}
+
+fn begin(session: &mut Session) -> Result<(), StoreError> {
+    match session {
+        Session::Sqlite(s) => s.begin(),
+        Session::Postgres(s) => s.begin(),
+    }
+}
+
+fn commit(session: &mut Session) -> Result<(), StoreError> {
+    match session {
+        Session::Sqlite(s) => s.commit(),
+        Session::Postgres(s) => s.commit(),
+    }
+}
+
+fn rollback(session: &mut Session) {
+    match session {
+        Session::Sqlite(s) => s.rollback(),
+        Session::Postgres(s) => s.rollback(),
+    }
+}
+
+fn in_transaction(session: &Session) -> bool {
+    match session {
+        Session::Sqlite(s) => s.in_transaction(),
+        Session::Postgres(_) => true,
+    }
+}
+
+fn savepoint(session: &mut Session, sql: &str) -> Result<(), StoreError> {
+    match session {
+        Session::Sqlite(s) => s.execute_script(sql),
+        Session::Postgres(s) => s.execute_script(sql),
     }
 }
 
 struct Inner {
     backend: Backend,
-    writer: AnyPool,
-    reader: AnyPool,
+    writer: Pool,
+    /// SQLite's readers; `None` on PostgreSQL, where the writer's connections read too.
+    readers: Option<Pool>,
 }
 
-/// A service's database: a writer pool and a reader pool (the same pool on PostgreSQL).
+/// A service's database. Cheap to clone; the threads stop when the last clone is dropped or
+/// at [`Db::close`].
 #[derive(Clone)]
 pub struct Db {
     inner: Arc<Inner>,
@@ -83,47 +419,65 @@ impl std::fmt::Debug for Db {
 }
 
 impl Db {
-    /// Connects to `sqlite://path?mode=rwc` or `postgres://…` and checks the connection.
+    /// Opens `sqlite://path?mode=rwc` (creating the file and its directory) or connects to
+    /// `postgres://…`, and checks that the database answers.
     pub async fn connect(url: &str, options: &DbOptions) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
-        let connect_options: AnyConnectOptions = url
-            .parse::<AnyConnectOptions>()?
-            .disable_statement_logging();
-        let (writer, reader) = match backend {
+        let threads = options.max_connections.max(1) as usize;
+        let inner = match backend {
             Backend::Sqlite => {
-                create_parent_dir(url);
-                let writer = AnyPoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .acquire_timeout(options.acquire_timeout)
-                    .after_connect(|conn, _| sqlite_pragmas(conn, false).boxed())
-                    .connect_with(connect_options.clone())
-                    .await?;
-                let reader = AnyPoolOptions::new()
-                    .max_connections(options.max_connections.max(1))
-                    .acquire_timeout(options.acquire_timeout)
-                    .after_connect(|conn, _| sqlite_pragmas(conn, true).boxed())
-                    .connect_with(connect_options)
-                    .await?;
-                (writer, reader)
+                let target = SqliteTarget::parse(url);
+                target.create_parent_dir();
+                let durability = options.durability;
+                // The writer opens the file first (creating it, switching it to WAL), so the
+                // readers find it.
+                let first = SqliteSession::open(&target, durability, false)?;
+                drop(first);
+                let t = target.clone();
+                let writer = Pool::start("db-writer", 1, true, move || {
+                    SqliteSession::open(&t, durability, false).map(Session::Sqlite)
+                })?;
+                let readers = Pool::start("db-reader", threads, false, move || {
+                    SqliteSession::open(&target, durability, true).map(Session::Sqlite)
+                })?;
+                Inner {
+                    backend,
+                    writer,
+                    readers: Some(readers),
+                }
             }
             Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(options.max_connections.max(1))
-                    .acquire_timeout(options.acquire_timeout)
-                    .connect_with(connect_options)
-                    .await?;
-                (pool.clone(), pool)
+                // Checked here so a bad URL fails at start, with its reason.
+                let mut probe = PgSession::new(url, options.connect_timeout)?;
+                let (url, timeout) = (url.to_owned(), options.connect_timeout);
+                let connect =
+                    tokio::task::spawn_blocking(move || probe.ensure_connected().map(|()| probe));
+                let probe = connect
+                    .await
+                    .map_err(|e| StoreError::Panicked(e.to_string()))??;
+                let first = Arc::new(Mutex::new(Some(probe)));
+                let writer = Pool::start("db-pg", threads, false, move || {
+                    // The first thread takes the probe's connection; the others connect lazily.
+                    let taken = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    match taken {
+                        Some(s) => Ok(Session::Postgres(Box::new(s))),
+                        None => {
+                            PgSession::new(&url, timeout).map(|s| Session::Postgres(Box::new(s)))
+                        }
+                    }
+                })?;
+                Inner {
+                    backend,
+                    writer,
+                    readers: None,
+                }
             }
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                backend,
-                writer,
-                reader,
-            }),
-        })
+        let db = Self {
+            inner: Arc::new(inner),
+        };
+        db.ping().await?;
+        Ok(db)
     }
 
     /// The engine behind this database.
@@ -131,70 +485,59 @@ impl Db {
         self.inner.backend
     }
 
-    /// Begins a write transaction. On SQLite it takes the write lock at once
-    /// (`BEGIN IMMEDIATE`), so a transaction never fails half-way on lock upgrade.
-    pub async fn begin(&self) -> Result<Tx, StoreError> {
-        let tx = match self.inner.backend {
-            Backend::Sqlite => self.inner.writer.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.inner.writer.begin().await?,
+    /// Runs `work` in a write transaction on the thread that owns the writer connection, and
+    /// commits it when `work` returns `Ok` (rolls it back otherwise). The result arrives once
+    /// the commit is durable as [`Durability`] says; a failed commit turns an `Ok` into the
+    /// commit's error.
+    pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let unit = Unit {
+            work: Some(work),
+            out: None,
+            reply,
         };
-        Ok(tx)
+        self.inner.writer.send(Job::Write(Box::new(unit)))?;
+        answer.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
-    /// The pool for reads that need no transaction.
-    pub fn reader(&self) -> &AnyPool {
-        &self.inner.reader
-    }
-
-    /// The pool for writes outside [`Db::begin`] (rarely needed).
-    pub fn writer(&self) -> &AnyPool {
-        &self.inner.writer
+    /// Runs `work` on a reader connection, outside any transaction (each statement sees the
+    /// latest commit).
+    pub async fn read<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let unit: ReadUnit = Box::new(move |tx| {
+            let result = match tx {
+                Ok(tx) => work(tx),
+                Err(e) => Err(E::from(e)),
+            };
+            let _ = reply.send(result);
+        });
+        let pool = self.inner.readers.as_ref().unwrap_or(&self.inner.writer);
+        pool.send(Job::Read(unit))?;
+        answer.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
     /// Checks that the database answers (used by readiness probes).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.reader.execute("SELECT 1").await?;
-        Ok(())
+        self.read(|tx| tx.query_one("SELECT 1", &[], |_| Ok(())))
+            .await
     }
 
-    /// Closes every connection, waiting for checked-out ones to come back.
+    /// Finishes the units of work already sent, then closes every connection.
     pub async fn close(&self) {
         self.inner.writer.close().await;
-        self.inner.reader.close().await;
-    }
-}
-
-async fn sqlite_pragmas(
-    conn: &mut sqlx::AnyConnection,
-    read_only: bool,
-) -> Result<(), sqlx::Error> {
-    // WAL lets readers run beside the writer; synchronous=NORMAL in WAL mode keeps the
-    // database consistent on power loss (a committed transaction may roll back, never corrupt);
-    // busy_timeout makes other processes (an operator's CLI, a second replica) wait, not fail.
-    conn.execute("PRAGMA journal_mode = WAL").await?;
-    conn.execute("PRAGMA synchronous = NORMAL").await?;
-    conn.execute("PRAGMA busy_timeout = 5000").await?;
-    conn.execute("PRAGMA foreign_keys = ON").await?;
-    if read_only {
-        conn.execute("PRAGMA query_only = ON").await?;
-    }
-    Ok(())
-}
-
-/// Creates the directory of a SQLite file URL so `sqlite://.data/x.db` works on a fresh clone.
-fn create_parent_dir(url: &str) {
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
-    let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path.starts_with(':') {
-        return;
-    }
-    if let Some(parent) = std::path::Path::new(path).parent()
-        && !parent.as_os_str().is_empty()
-        && let Err(e) = std::fs::create_dir_all(parent)
-    {
-        tracing::warn!(dir = %parent.display(), error = %e, "cannot create database directory");
+        if let Some(readers) = &self.inner.readers {
+            readers.close().await;
+        }
     }
 }
 
@@ -236,5 +579,12 @@ mod tests {
             Backend::Postgres
         );
         assert!(Backend::from_url("mysql://h/db").is_err());
+    }
+
+    #[test]
+    fn durability_parses() {
+        assert_eq!(Durability::parse("full"), Ok(Durability::Full));
+        assert_eq!(Durability::parse("normal"), Ok(Durability::Normal));
+        assert!(Durability::parse("fast").is_err());
     }
 }

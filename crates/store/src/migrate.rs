@@ -2,16 +2,14 @@
 //!
 //! A service database holds tables of several components: the messaging outbox and inbox,
 //! and the service's own. Each component declares its migrations as a list of [`Migration`]s
-//! and [`migrate`] applies the missing ones in order, each in its own transaction together with
-//! its record in `orderflow_migrations (component, version)`. A migration carries one SQL text
+//! and [`migrate`] applies the missing ones in order, in one transaction together with their
+//! records in `orderflow_migrations (component, version)`. A migration carries one SQL text
 //! per backend, side by side, so both backends always run the same migrations.
 //!
 //! Replicas starting at the same time are safe: on PostgreSQL the runner holds an advisory
 //! lock while it works; on SQLite the write transaction serialises them.
 
-use sqlx::Executor;
-
-use crate::{Backend, Db, StoreError, now_micros};
+use crate::{Backend, Db, StoreError, now_micros, params};
 
 /// One schema change of one component.
 #[derive(Debug, Clone, Copy)]
@@ -38,43 +36,38 @@ const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS orderflow_migrations (
 const PG_MIGRATION_LOCK: i64 = 0x6f72_6465_7266_6c6f; // "orderflo"
 
 /// Applies the component's migrations that are not applied yet.
-pub async fn migrate(db: &Db, component: &str, migrations: &[Migration]) -> Result<(), StoreError> {
-    let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(PG_MIGRATION_LOCK)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.execute(BOOKKEEPING).await?;
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM orderflow_migrations WHERE component = $1")
-            .bind(component)
-            .fetch_all(&mut *tx)
-            .await?;
-    for m in migrations.iter().filter(|m| !applied.contains(&m.version)) {
-        let sql = match db.backend() {
-            Backend::Sqlite => m.sqlite,
-            Backend::Postgres => m.postgres,
-        };
-        sqlx::raw_sql(sql).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO orderflow_migrations (component, version, name, applied_at) \
-             VALUES ($1, $2, $3, $4)",
-        )
-        .bind(component)
-        .bind(m.version)
-        .bind(m.name)
-        .bind(now_micros())
-        .execute(&mut *tx)
-        .await?;
-        tracing::info!(
-            component,
-            version = m.version,
-            name = m.name,
-            "applied migration"
-        );
-    }
-    tx.commit().await?;
-    Ok(())
+pub async fn migrate(
+    db: &Db,
+    component: &'static str,
+    migrations: &'static [Migration],
+) -> Result<(), StoreError> {
+    db.write(move |tx| {
+        tx.serialize_with(PG_MIGRATION_LOCK)?;
+        tx.execute_script(BOOKKEEPING)?;
+        let applied: Vec<i64> = tx.query(
+            "SELECT version FROM orderflow_migrations WHERE component = $1",
+            params![component],
+            |r| r.get(0),
+        )?;
+        for m in migrations.iter().filter(|m| !applied.contains(&m.version)) {
+            let sql = match tx.backend() {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            tx.execute_script(sql)?;
+            tx.execute(
+                "INSERT INTO orderflow_migrations (component, version, name, applied_at) \
+                 VALUES ($1, $2, $3, $4)",
+                params![component, m.version, m.name, now_micros()],
+            )?;
+            tracing::info!(
+                component,
+                version = m.version,
+                name = m.name,
+                "applied migration"
+            );
+        }
+        Ok(())
+    })
+    .await
 }

@@ -23,7 +23,7 @@ impl TestDb {
         Self::Postgres(TestDatabase::postgres().await)
     }
 
-    /// The database URL, for `sqlx` (`sqlite://…` or `postgres://…`).
+    /// The database URL (`sqlite://…` or `postgres://…`).
     pub fn url(&self) -> &str {
         match self {
             Self::Sqlite(db) => db.url(),
@@ -50,8 +50,7 @@ impl TestDb {
 /// use orderflow_testkit::{TestDb, on_every_backend};
 ///
 /// async fn stores_an_order(db: TestDb) {
-///     sqlx::any::install_default_drivers();
-///     let pool = sqlx::AnyPool::connect(db.url()).await.unwrap();
+///     let url = db.url(); // sqlite://… or postgres://…
 ///     // ...
 /// }
 ///

@@ -10,7 +10,7 @@ use tempfile::TempDir;
 /// ```no_run
 /// # async fn demo() {
 /// let db = orderflow_testkit::TempSqlite::new();
-/// let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
+/// let url = db.url(); // sqlite://…?mode=rwc, for orderflow_store::Db::connect
 /// # }
 /// ```
 #[derive(Debug)]
