@@ -40,9 +40,3 @@ impl MessagingError {
         }
     }
 }
-
-impl From<sqlx::Error> for MessagingError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Store(StoreError::Sqlx(e))
-    }
-}

@@ -3,8 +3,9 @@
 //! The rules it enforces, stated once:
 //!
 //! - **A service never publishes from a handler.** State changes and the events they cause are
-//!   written in one database transaction ([`outbox`]); the [`outbox::OutboxRelay`] publishes them
-//!   with `Nats-Msg-Id` = event id and marks them sent.
+//!   written in one database transaction — a unit of work ([`Work`]) run by [`Outbox::write`] —
+//!   and published with `Nats-Msg-Id` = event id by the task that committed them, right after
+//!   the commit; the [`outbox::Sweeper`] publishes whatever that missed.
 //! - **A handler's effect happens once.** The runner records `(consumer, event id)` in the
 //!   [`inbox`] in the same transaction as the handler's effects; a redelivery is acked without
 //!   effect.
@@ -20,8 +21,11 @@
 //! - [`topology`]: streams and durable consumers declared in code and reconciled at start;
 //! - [`publisher`]: publishing events with their envelope headers and awaiting the ack;
 //! - [`runner`]: the consumer runner (batches, group commit, retries, dead letters, progress);
-//! - [`outbox`], [`inbox`]: the transactional outbox and the idempotent-consumer inbox;
-//! - [`deadletter`]: the dead-letter record;
+//! - [`work`]: the one unit-of-work type;
+//! - [`outbox`], [`inbox`]: the transactional outbox (publish on commit, the sweeper) and the
+//!   idempotent-consumer inbox;
+//! - [`deadletter`]: dead letters — writing them, operating on them, and catching what
+//!   JetStream gave up on from its advisories;
 //! - [`metrics`]: metric names.
 
 pub mod asyncapi;
@@ -35,28 +39,38 @@ pub mod outbox;
 pub mod publisher;
 pub mod runner;
 pub mod topology;
+pub mod work;
 
-pub use deadletter::{AdvisoryWatcher, DeadLetters};
+pub use deadletter::{AdvisoryHandler, DeadLetters};
 pub use error::MessagingError;
 pub use nats::{Nats, NatsConfig};
-pub use outbox::{Outbox, OutboxRelay, OutboxRow, RelayConfig};
+pub use outbox::{Outbox, Sweeper, SweeperConfig};
 pub use publisher::{Published, Publisher};
 pub use runner::{
-    BatchWork, ConsumerHealth, ConsumerRunner, Handler, HandlerError, Incoming, RetryPolicy,
-    RunnerConfig, Work,
+    ConsumerHealth, ConsumerRunner, Decode, Handler, HandlerError, Incoming, RetryPolicy,
+    RunnerConfig, nothing_to_prepare,
 };
 pub use topology::{ConsumerSpec, StreamSpec, Topology, TopologySettings};
+pub use work::{OutboxRow, Work};
 
 use orderflow_store::Migration;
 
 /// The tables this crate needs in every service database: `outbox` and `inbox`.
 /// Apply with `orderflow_store::migrate(&db, messaging::MIGRATION_COMPONENT, messaging::MIGRATIONS)`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox and inbox",
-    sqlite: include_str!("../migrations/0001_outbox_inbox.sqlite.sql"),
-    postgres: include_str!("../migrations/0001_outbox_inbox.postgres.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox and inbox",
+        sqlite: include_str!("../migrations/0001_outbox_inbox.sqlite.sql"),
+        postgres: include_str!("../migrations/0001_outbox_inbox.postgres.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox claims",
+        sqlite: include_str!("../migrations/0002_outbox_claims.sql"),
+        postgres: include_str!("../migrations/0002_outbox_claims.sql"),
+    },
+];
 
 /// The component name under which [`MIGRATIONS`] are recorded.
 pub const MIGRATION_COMPONENT: &str = "messaging";

@@ -1,157 +1,288 @@
-//! The transactional outbox and its relay.
+//! The transactional outbox: events are written in the transaction that causes them, and
+//! published by the task that committed them, at once.
 //!
-//! A service writes its state change and the events it causes in ONE database transaction:
-//! [`Outbox::stage`] inserts the event into the `outbox` table inside the caller's transaction.
-//! After the commit, [`Outbox::wake`] tells the [`OutboxRelay`] to publish at once (low
-//! latency); the relay also sweeps periodically, so rows left by a crash or a missed wake are
-//! published anyway.
+//! [`Outbox::write`] runs a unit of work ([`Work`]) on the database thread; the events it
+//! emits are inserted into the `outbox` table in the same transaction. Right after the commit,
+//! the same task sends them to JetStream (`Nats-Msg-Id` = event id) without waiting for the
+//! acknowledgements; a background task collects those, and the acknowledged rows are recorded
+//! as sent in bulk by the [`Sweeper`] — a transaction a second at most, never one per unit of
+//! work on the hot path.
 //!
-//! The relay publishes unsent rows in id order, pipelined (all sends first, then the acks in
-//! order), with `Nats-Msg-Id` = event id, and marks the acknowledged prefix sent. A relay that
-//! dies between publishing and marking re-publishes those rows on its next pass: JetStream drops
-//! them as duplicates inside the duplicate window, and the consumers' inbox guards beyond it.
-//! On PostgreSQL, where several replicas may run, an advisory lock lets one relay work at a time.
+//! The [`Sweeper`] is the safety net (watermill calls this role the Forwarder): every
+//! `sweep_interval` it records the acknowledged rows as sent, and publishes the rows that are
+//! still unsent after `grace` — left by a crash between commit and publish, by a publish that
+//! failed (NATS down), or by another replica that died. It claims the rows it publishes for a
+//! while (`claimed_until`), so two replicas' sweepers do not publish the same rows at once. A
+//! row published twice anyway is dropped by JetStream inside the duplicate window, and by the
+//! consumers' inbox beyond it. The sweeper also keeps the backlog gauges current and prunes old
+//! rows in bounded batches.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use futures::future::join_all;
-use orderflow_contracts::{Event, EventId, EventMeta, encode};
-use orderflow_store::{
-    AssertSqlSafe, Backend, Db, StoreError, Tx, now_micros, placeholders, values_list,
-};
-use sqlx::Row;
-use tokio::sync::Notify;
+use orderflow_store::{Db, StoreError, Tx, now_micros, params, row};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::publisher::{await_ack, header_map};
+use crate::work::{OutboxRow, Work};
 use crate::{MessagingError, Nats, Publisher, inbox, metrics};
 
-/// Stages events in the caller's transaction and wakes the relay after commit. Cheap to clone.
+/// Rows acknowledged or in flight, shared by the writers and the sweeper.
+#[derive(Debug, Default)]
+struct Tracking {
+    /// Published, acknowledgement not yet received: the sweeper leaves these alone.
+    in_flight: HashSet<i64>,
+    /// Acknowledged, not yet recorded as sent.
+    acked: Vec<i64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Db,
+    publisher: Publisher,
+    source: Arc<str>,
+    tracking: Mutex<Tracking>,
+    /// The tasks collecting publish acknowledgements, awaited at shutdown.
+    ack_tasks: TaskTracker,
+}
+
+/// Runs units of work that emit events, and publishes the events they committed. Cheap to
+/// clone.
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    notify: Arc<Notify>,
-    source: Arc<str>,
+    inner: Arc<Inner>,
+}
+
+/// A committed outbox row: its id and what to publish.
+#[derive(Debug)]
+struct Committed {
+    id: i64,
+    row: OutboxRow,
 }
 
 impl Outbox {
-    /// An outbox for events produced by `source` (CloudEvents `source`, e.g. `orderflow/order-service`).
-    pub fn new(source: &str) -> Self {
+    /// An outbox in `db` for events produced by `source` (CloudEvents `source`, e.g.
+    /// `orderflow/order-service`), published on `nats`.
+    pub fn new(db: &Db, nats: &Nats, source: &str) -> Self {
         Self {
-            notify: Arc::new(Notify::new()),
-            source: Arc::from(source),
+            inner: Arc::new(Inner {
+                db: db.clone(),
+                publisher: Publisher::new(nats),
+                source: Arc::from(source),
+                tracking: Mutex::default(),
+                ack_tasks: TaskTracker::new(),
+            }),
         }
     }
 
-    /// The CloudEvents `source` of the events staged here.
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// The CloudEvents `source` of the events emitted here.
     pub fn source(&self) -> &str {
-        &self.source
+        &self.inner.source
     }
 
-    /// Writes `event` into the outbox inside `tx`. Nothing is published unless `tx` commits.
-    pub async fn stage<E: Event>(
-        &self,
-        tx: &mut Tx,
-        meta: &EventMeta,
-        event: &E,
-    ) -> Result<EventId, StoreError> {
-        let row = OutboxRow::new(meta, event);
-        Self::insert(tx, std::slice::from_ref(&row)).await?;
-        Ok(meta.id)
+    /// Runs `work` in a transaction on the database thread; commits it with the events it
+    /// emitted when it returns `Ok`, then publishes those events. Nothing is written or
+    /// published when it returns `Err`.
+    pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Work<'_, '_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (value, committed) = self.commit(work).await?;
+        self.publish(committed).await;
+        Ok(value)
     }
 
-    /// Writes prepared rows into the outbox inside `tx`, many per statement.
-    pub async fn insert(tx: &mut Tx, rows: &[OutboxRow]) -> Result<(), StoreError> {
-        // 5 parameters a row; 400 rows stay far below both databases' parameter limits.
-        for chunk in rows.chunks(400) {
-            let sql = format!(
-                "INSERT INTO outbox (event_id, subject, headers, payload, created_at) VALUES {}",
-                values_list(chunk.len(), 4, 2, ", $1")
-            );
-            // Only generated placeholders are interpolated; every value is bound.
-            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-            for row in chunk {
-                query = query
-                    .bind(row.event_id.to_string())
-                    .bind(row.subject)
-                    .bind(row.headers.as_str())
-                    .bind(row.payload.as_str());
+    /// Like [`Outbox::write`], but leaves the events for the [`Sweeper`], as if the process had
+    /// died right after the commit. For tests and tools.
+    pub async fn write_unpublished<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Work<'_, '_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        Ok(self.commit(work).await?.0)
+    }
+
+    async fn commit<T, E, F>(&self, work: F) -> Result<(T, Vec<Committed>), E>
+    where
+        F: FnOnce(&mut Work<'_, '_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let source = self.inner.source.clone();
+        self.inner
+            .db
+            .write(move |tx| {
+                let mut unit = Work::new(tx, &source);
+                let value = work(&mut unit)?;
+                let rows = unit.take_emitted();
+                let committed = insert(tx, rows)?;
+                Ok((value, committed))
+            })
+            .await
+    }
+
+    /// Sends committed rows to JetStream and hands their acknowledgements to a background
+    /// task. A row whose publish fails stays unsent for the sweeper.
+    async fn publish(&self, committed: Vec<Committed>) {
+        if committed.is_empty() {
+            return;
+        }
+        self.track(|t| t.in_flight.extend(committed.iter().map(|c| c.id)));
+        let mut pending = Vec::with_capacity(committed.len());
+        for c in committed {
+            match self.send(&c.row).await {
+                Ok(ack) => pending.push((c.id, ack)),
+                Err(e) => {
+                    ::metrics::counter!(metrics::OUTBOX_FAILURES_TOTAL).increment(1);
+                    tracing::warn!(error = %e, "publishing a committed event failed; the sweeper will retry");
+                    self.track(|t| t.in_flight.remove(&c.id));
+                }
             }
-            query.execute(&mut **tx).await?;
         }
-        Ok(())
+        if pending.is_empty() {
+            return;
+        }
+        let outbox = self.clone();
+        self.inner.ack_tasks.spawn(async move {
+            let acks = join_all(
+                pending
+                    .into_iter()
+                    .map(|(id, ack)| async move { (id, await_ack(ack).await) }),
+            )
+            .await;
+            let mut published = 0;
+            outbox.track(|t| {
+                for (id, result) in acks {
+                    t.in_flight.remove(&id);
+                    match result {
+                        Ok(_) => {
+                            t.acked.push(id);
+                            published += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a published event was not acknowledged; the sweeper will retry");
+                        }
+                    }
+                }
+            });
+            ::metrics::counter!(metrics::OUTBOX_PUBLISHED_TOTAL).increment(published);
+        });
     }
 
-    /// Tells the relay that staged events were committed. Call after `commit()`.
-    pub fn wake(&self) {
-        self.notify.notify_one();
+    async fn send(&self, row: &OutboxRow) -> Result<PublishAckFuture, MessagingError> {
+        self.inner
+            .publisher
+            .send(
+                row.subject,
+                header_map(row.headers.iter().map(|(k, v)| (*k, v.as_str()))),
+                Bytes::from(row.payload.clone()),
+            )
+            .await
+    }
+
+    fn track<T>(&self, f: impl FnOnce(&mut Tracking) -> T) -> T {
+        f(&mut self
+            .inner
+            .tracking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Waits (up to `timeout`) for the acknowledgements of what was published.
+    pub async fn settle(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, async {
+            self.inner.ack_tasks.close();
+            self.inner.ack_tasks.wait().await;
+            self.inner.ack_tasks.reopen();
+        })
+        .await;
     }
 }
 
-/// An event ready to be written into the outbox: envelope headers and payload, encoded.
+/// Inserts emitted rows into the outbox, returning them with their ids.
+fn insert(tx: &mut Tx<'_>, rows: Vec<OutboxRow>) -> Result<Vec<Committed>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = now_micros();
+    let encoded: Vec<String> = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.headers).unwrap_or_default())
+        .collect();
+    let ids = tx.query_each(
+        "INSERT INTO outbox (event_id, subject, headers, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        rows.iter().zip(&encoded).map(|(r, headers)| {
+            row![
+                r.event_id.to_string(),
+                r.subject,
+                headers.as_str(),
+                r.payload.as_str(),
+                now
+            ]
+        }),
+        |r| r.get::<i64>(0),
+    )?;
+    Ok(rows
+        .into_iter()
+        .zip(ids)
+        .filter_map(|(row, ids)| Some(Committed { id: *ids.first()?, row }))
+        .collect())
+}
+
+/// Sweeper settings.
 #[derive(Debug, Clone)]
-pub struct OutboxRow {
-    event_id: EventId,
-    subject: &'static str,
-    headers: String,
-    payload: String,
-}
-
-impl OutboxRow {
-    /// Encodes `event` with its envelope `meta`.
-    pub fn new<E: Event>(meta: &EventMeta, event: &E) -> Self {
-        let payload = encode(event);
-        #[cfg(debug_assertions)]
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&payload) {
-            // What we publish must validate against our own schema; in debug builds a
-            // violation is a bug to catch at once.
-            if let Err(e) = orderflow_contracts::schema::validate(E::TYPE, &value) {
-                tracing::error!(error = %e, "staged event violates its own schema");
-                debug_assert!(false, "staged event violates its own schema: {e}");
-            }
-        }
-        let headers: Vec<(&str, String)> = meta.to_headers();
-        Self {
-            event_id: meta.id,
-            subject: E::SUBJECT,
-            headers: serde_json::to_string(&headers).unwrap_or_default(),
-            // JSON is UTF-8.
-            payload: String::from_utf8(payload).unwrap_or_default(),
-        }
-    }
-
-    /// The event's id.
-    pub fn event_id(&self) -> EventId {
-        self.event_id
-    }
-}
-
-/// Relay settings.
-#[derive(Debug, Clone)]
-pub struct RelayConfig {
-    /// Rows published per pass (one pipelined window of publishes).
-    pub batch_size: usize,
-    /// How often the relay looks for rows when nobody wakes it (crash recovery).
+pub struct SweeperConfig {
+    /// How often the sweeper runs.
     pub sweep_interval: Duration,
+    /// How old an unsent row must be before the sweeper publishes it: longer than a publish
+    /// normally takes, so it does not race the task that committed the row (another
+    /// replica's, which it cannot see in flight).
+    pub grace: Duration,
+    /// Rows published per pass.
+    pub batch_size: usize,
     /// How long sent rows are kept (for audits) before they are deleted.
     pub sent_retention: Duration,
     /// How long inbox rows are kept; far longer than any redelivery can take.
     pub inbox_retention: Duration,
+    /// How often old outbox and inbox rows are pruned.
+    pub prune_interval: Duration,
 }
 
-impl Default for RelayConfig {
+impl Default for SweeperConfig {
     fn default() -> Self {
         Self {
-            batch_size: 512,
             sweep_interval: Duration::from_secs(1),
+            grace: Duration::from_secs(5),
+            batch_size: 512,
             sent_retention: Duration::from_hours(24),
             inbox_retention: Duration::from_hours(168),
+            prune_interval: Duration::from_mins(1),
         }
     }
 }
 
-/// An outbox row ready to publish.
+/// Rows deleted per statement when pruning, so a prune never holds the writer for long.
+const PRUNE_BATCH: i64 = 2_000;
+
+/// How long a sweeper's claim on the rows it publishes lasts; a sweeper that dies mid-way
+/// leaves them to the next one after this.
+const CLAIM: Duration = Duration::from_secs(30);
+
+/// An outbox row to publish.
 #[derive(Debug, Clone)]
 struct PendingRow {
     id: i64,
@@ -160,51 +291,44 @@ struct PendingRow {
     payload: String,
 }
 
-/// Publishes committed outbox rows to JetStream (watermill calls this the Forwarder).
+/// Records published rows as sent, publishes what the writers could not, keeps the gauges and
+/// prunes. See the module documentation.
 #[derive(Debug, Clone)]
-pub struct OutboxRelay {
-    db: Db,
-    publisher: Publisher,
+pub struct Sweeper {
     outbox: Outbox,
-    config: RelayConfig,
+    config: SweeperConfig,
 }
 
-/// An arbitrary, fixed key for the PostgreSQL advisory lock held by the active relay.
-const PG_RELAY_LOCK: i64 = 0x6f75_7462_6f78_7265; // "outboxre"
-
-impl OutboxRelay {
-    /// A relay for `outbox`'s rows in `db`.
-    pub fn new(db: &Db, nats: &Nats, outbox: &Outbox, config: RelayConfig) -> Self {
+impl Sweeper {
+    /// A sweeper for `outbox`.
+    pub fn new(outbox: &Outbox, config: SweeperConfig) -> Self {
         Self {
-            db: db.clone(),
-            publisher: Publisher::new(nats),
             outbox: outbox.clone(),
             config,
         }
     }
 
-    /// Runs until `shutdown`, then makes one last pass so committed events leave with us.
+    /// Runs until `shutdown`, then waits for the acknowledgements in flight, records them, and
+    /// publishes what is left, so committed events leave with us.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut last_housekeeping = tokio::time::Instant::now();
+        let mut last_prune = tokio::time::Instant::now();
         loop {
-            let swept = tokio::select! {
-                () = self.outbox.notify.notified() => false,
-                () = tokio::time::sleep(self.config.sweep_interval) => true,
+            tokio::select! {
+                () = tokio::time::sleep(self.config.sweep_interval) => {}
                 () = shutdown.cancelled() => break,
-            };
-            if let Err(e) = self.publish_pending().await {
-                ::metrics::counter!(metrics::OUTBOX_FAILURES_TOTAL).increment(1);
-                tracing::warn!(error = %e, "outbox relay pass failed; retrying on the next sweep");
             }
-            if swept {
-                self.report_backlog().await;
-                if last_housekeeping.elapsed() >= Duration::from_mins(1) {
-                    last_housekeeping = tokio::time::Instant::now();
-                    self.housekeeping().await;
-                }
+            if let Err(e) = self.sweep(self.config.grace).await {
+                ::metrics::counter!(metrics::OUTBOX_FAILURES_TOTAL).increment(1);
+                tracing::warn!(error = %e, "outbox sweep failed; retrying on the next one");
+            }
+            self.report_backlog().await;
+            if last_prune.elapsed() >= self.config.prune_interval {
+                last_prune = tokio::time::Instant::now();
+                self.prune().await;
             }
         }
-        match tokio::time::timeout(Duration::from_secs(5), self.publish_pending()).await {
+        self.outbox.settle(Duration::from_secs(2)).await;
+        match tokio::time::timeout(Duration::from_secs(5), self.sweep(Duration::ZERO)).await {
             Ok(Ok(n)) => tracing::info!(published = n, "outbox flushed at shutdown"),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "outbox flush at shutdown failed; rows stay for the next start");
@@ -215,63 +339,86 @@ impl OutboxRelay {
         }
     }
 
-    /// Publishes every unsent row, batch after batch. Returns how many were published.
-    pub async fn publish_pending(&self) -> Result<usize, MessagingError> {
+    /// One pass: records acknowledged rows as sent, then publishes every row unsent for longer
+    /// than `grace` that is not in flight. Returns how many rows it published.
+    pub async fn sweep(&self, grace: Duration) -> Result<usize, MessagingError> {
+        self.record_sent().await?;
         let mut total = 0;
         loop {
-            let n = match self.db.backend() {
-                Backend::Sqlite => {
-                    let published = self.publish_batch().await?;
-                    self.mark_sent(&published).await?;
-                    published.len()
-                }
-                Backend::Postgres => self.publish_batch_exclusive().await?,
-            };
-            total += n;
-            if n < self.config.batch_size {
+            let published = self.publish_batch(grace).await?;
+            self.mark_sent(&published).await?;
+            total += published.len();
+            if published.len() < self.config.batch_size {
                 return Ok(total);
             }
         }
     }
 
-    /// Publishes one batch of unsent rows without marking them, returning the ids whose publish
-    /// was acknowledged (a prefix of the batch, in order). [`OutboxRelay::mark_sent`] completes
-    /// the step; the split exists so a crash between the two can be exercised in tests.
-    pub async fn publish_batch(&self) -> Result<Vec<i64>, MessagingError> {
-        let rows = fetch_unsent(self.db.reader(), self.config.batch_size).await?;
+    /// Records the rows whose publish was acknowledged as sent, in one transaction.
+    async fn record_sent(&self) -> Result<(), MessagingError> {
+        let acked = self.outbox.track(|t| std::mem::take(&mut t.acked));
+        if acked.is_empty() {
+            return Ok(());
+        }
+        let result = self.mark_sent(&acked).await;
+        if result.is_err() {
+            // Put them back for the next pass.
+            self.outbox.track(|t| t.acked.extend(&acked));
+        }
+        result
+    }
+
+    /// Claims and publishes one batch of rows unsent for longer than `grace`, without recording
+    /// them as sent, returning the ids whose publish was acknowledged. [`Sweeper::mark_sent`]
+    /// completes the step; the split exists so a crash between the two can be exercised in
+    /// tests.
+    pub async fn publish_batch(&self, grace: Duration) -> Result<Vec<i64>, MessagingError> {
+        let limit = self.config.batch_size as i64;
+        let now = now_micros();
+        let cutoff = now - grace.as_micros() as i64;
+        let db = &self.outbox.inner.db;
+        // A cheap read first: most passes find nothing, and need no write transaction.
+        let waiting = db
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT id FROM outbox WHERE sent_at IS NULL AND created_at <= $1 \
+                     AND claimed_until <= $2 LIMIT 1",
+                    params![cutoff, now],
+                    |_| Ok(()),
+                )
+            })
+            .await?;
+        if waiting.is_none() {
+            return Ok(Vec::new());
+        }
+        let until = now + CLAIM.as_micros() as i64;
+        let mut rows = db
+            .write(move |tx| claim_unsent(tx, cutoff, now, until, limit))
+            .await?;
+        rows.sort_by_key(|r| r.id);
         self.publish_rows(rows).await
     }
 
-    /// Marks rows as sent.
+    /// Records rows as sent.
     pub async fn mark_sent(&self, ids: &[i64]) -> Result<(), MessagingError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.begin().await?;
-        mark_sent(&mut tx, ids).await?;
-        tx.commit().await?;
+        let ids = ids.to_vec();
+        self.outbox
+            .inner
+            .db
+            .write(move |tx| mark_sent(tx, &ids))
+            .await?;
         Ok(())
     }
 
-    /// PostgreSQL: publish and mark inside one transaction that holds the relay lock, so two
-    /// replicas never publish the same rows at the same time.
-    async fn publish_batch_exclusive(&self) -> Result<usize, MessagingError> {
-        let mut tx = self.db.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(PG_RELAY_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(0); // another replica's relay is publishing
-        }
-        let rows = fetch_unsent(&mut *tx, self.config.batch_size).await?;
-        let published = self.publish_rows(rows).await?;
-        mark_sent(&mut tx, &published).await?;
-        tx.commit().await?;
-        Ok(published.len())
-    }
-
     async fn publish_rows(&self, rows: Vec<PendingRow>) -> Result<Vec<i64>, MessagingError> {
+        let in_flight = self.outbox.track(|t| t.in_flight.clone());
+        let rows: Vec<PendingRow> = rows
+            .into_iter()
+            .filter(|r| !in_flight.contains(&r.id))
+            .collect();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -280,10 +427,12 @@ impl OutboxRelay {
         let mut send_error = None;
         for row in &rows {
             match self
+                .outbox
+                .inner
                 .publisher
                 .send(
                     &row.subject,
-                    header_map(&row.headers),
+                    header_map(row.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                     Bytes::from(row.payload.clone()),
                 )
                 .await
@@ -306,15 +455,13 @@ impl OutboxRelay {
         for (id, result) in acks {
             match result {
                 Ok(_) => published.push(id),
-                Err(e) => {
-                    // Only the acknowledged prefix counts: later rows are re-published in order
-                    // on the next pass (JetStream drops the copies it already has).
-                    ack_error = Some(e);
-                    break;
-                }
+                Err(e) => ack_error = Some(e),
             }
         }
         ::metrics::counter!(metrics::OUTBOX_PUBLISHED_TOTAL).increment(published.len() as u64);
+        if !published.is_empty() {
+            tracing::info!(published = published.len(), "outbox sweeper published rows the writers had not");
+        }
         match (ack_error.or(send_error), published.is_empty()) {
             (Some(e), true) => Err(e),
             (Some(e), false) => {
@@ -325,72 +472,88 @@ impl OutboxRelay {
         }
     }
 
+    /// Sets the backlog gauges: unsent rows and the age of the oldest.
     async fn report_backlog(&self) {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(self.db.reader())
-        .await;
-        if let Ok(row) = row {
-            let n: i64 = row.try_get("n").unwrap_or(0);
-            let oldest: Option<i64> = row.try_get("oldest").unwrap_or(None);
-            ::metrics::gauge!(metrics::OUTBOX_BACKLOG).set(n as f64);
-            let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
-            ::metrics::gauge!(metrics::OUTBOX_OLDEST_AGE_SECONDS).set(age);
+        let backlog = self
+            .outbox
+            .inner
+            .db
+            .read(|tx| {
+                tx.query_one(
+                    "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sent_at IS NULL",
+                    &[],
+                    |r| Ok((r.get::<i64>(0)?, r.get::<Option<i64>>(1)?)),
+                )
+            })
+            .await;
+        match backlog {
+            Ok((n, oldest)) => {
+                ::metrics::gauge!(metrics::OUTBOX_BACKLOG).set(n as f64);
+                let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+                ::metrics::gauge!(metrics::OUTBOX_OLDEST_AGE_SECONDS).set(age);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the outbox backlog"),
         }
     }
 
-    async fn housekeeping(&self) {
+    /// Deletes sent outbox rows and inbox rows past their retention, a bounded batch per
+    /// transaction.
+    async fn prune(&self) {
+        let db = &self.outbox.inner.db;
         let cutoff = now_micros() - self.config.sent_retention.as_micros() as i64;
-        let pruned = sqlx::query("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < $1")
-            .bind(cutoff)
-            .execute(self.db.writer())
+        let pruned = db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                     WHERE sent_at IS NOT NULL AND sent_at < $1 ORDER BY id LIMIT $2)",
+                    params![cutoff, PRUNE_BATCH],
+                )
+            })
             .await;
         if let Err(e) = pruned {
             tracing::warn!(error = %e, "pruning sent outbox rows failed");
         }
-        if let Err(e) = inbox::prune(&self.db, self.config.inbox_retention).await {
+        if let Err(e) = inbox::prune(db, self.config.inbox_retention, PRUNE_BATCH).await {
             tracing::warn!(error = %e, "pruning the inbox failed");
         }
     }
 }
 
-async fn fetch_unsent<'e, E>(executor: E, limit: usize) -> Result<Vec<PendingRow>, StoreError>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
-    let rows = sqlx::query(
-        "SELECT id, subject, headers, payload FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
-    )
-    .bind(limit as i64)
-    .fetch_all(executor)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            let headers: String = r.try_get("headers")?;
+/// Claims up to `limit` rows unsent since before `cutoff` and not claimed by another sweeper
+/// now, until `until`. The conditions are repeated outside the subquery: on PostgreSQL a
+/// second sweeper's `UPDATE` waits for the first one's rows and then re-checks them there,
+/// finding them claimed.
+fn claim_unsent(
+    tx: &mut Tx<'_>,
+    cutoff: i64,
+    now: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<PendingRow>, StoreError> {
+    tx.query(
+        "UPDATE outbox SET claimed_until = $1 \
+         WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NULL AND created_at <= $2 \
+                      AND claimed_until <= $3 ORDER BY id LIMIT $4) \
+           AND sent_at IS NULL AND claimed_until <= $3 \
+         RETURNING id, subject, headers, payload",
+        params![until, cutoff, now, limit],
+        |r| {
+            let headers: String = r.get(2)?;
             Ok(PendingRow {
-                id: r.try_get("id")?,
-                subject: r.try_get("subject")?,
+                id: r.get(0)?,
+                subject: r.get(1)?,
                 headers: serde_json::from_str(&headers).unwrap_or_default(),
-                payload: r.try_get("payload")?,
+                payload: r.get(3)?,
             })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::from)
+        },
+    )
 }
 
-async fn mark_sent(tx: &mut Tx, ids: &[i64]) -> Result<(), StoreError> {
-    if ids.is_empty() {
-        return Ok(()); // `IN ()` is not valid SQL on PostgreSQL
-    }
-    let sql = format!(
-        "UPDATE outbox SET sent_at = $1 WHERE id IN ({})",
-        placeholders(2, ids.len())
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for id in ids {
-        query = query.bind(*id);
-    }
-    query.execute(&mut **tx).await?;
+fn mark_sent(tx: &mut Tx<'_>, ids: &[i64]) -> Result<(), StoreError> {
+    let now = now_micros();
+    tx.execute_each(
+        "UPDATE outbox SET sent_at = $1 WHERE id = $2",
+        ids.iter().map(|id| row![now, *id]),
+    )?;
     Ok(())
 }

@@ -56,7 +56,8 @@ impl Publisher {
         headers: &[(String, String)],
         payload: Bytes,
     ) -> Result<Published, MessagingError> {
-        let ack = self.send(subject, header_map(headers), payload).await?;
+        let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let ack = self.send(subject, header_map(pairs), payload).await?;
         await_ack(ack).await
     }
 
@@ -95,10 +96,10 @@ pub(crate) async fn await_ack(ack: PublishAckFuture) -> Result<Published, Messag
 
 /// Builds a header map from name/value pairs; a later pair replaces an earlier one of the
 /// same name.
-pub(crate) fn header_map(headers: &[(String, String)]) -> HeaderMap {
+pub(crate) fn header_map<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
-        map.insert(k.as_str(), v.as_str());
+        map.insert(k, v);
     }
     map
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use orderflow_messaging::TopologySettings;
+use orderflow_store::Durability;
 
 /// The settings every service has. Flatten it into the service's own `clap::Parser`.
 #[derive(Debug, Clone, clap::Args)]
@@ -53,9 +54,17 @@ pub struct CommonConfig {
     #[arg(long, env = "ORDERFLOW_CONSUMER_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub consumer_workers: u8,
 
-    /// Database connections (PostgreSQL) or reader connections (SQLite).
-    #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Database connections (PostgreSQL) or reader connections (SQLite; there is always one
+    /// writer). Each is a thread that owns its connection.
+    #[arg(long, env = "ORDERFLOW_DB_MAX_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub db_max_connections: u32,
+
+    /// SQLite: `full` makes every commit durable before a message is acknowledged (one fsync
+    /// per commit, shared by the units of work committed together); `normal` leaves the last
+    /// commits to the next checkpoint, so a power loss can lose them after their messages were
+    /// acknowledged. PostgreSQL: its own `synchronous_commit` decides.
+    #[arg(long, env = "ORDERFLOW_DB_DURABILITY", default_value = "full", value_parser = Durability::parse)]
+    pub db_durability: Durability,
 
     /// How long graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]

@@ -27,8 +27,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use orderflow_messaging::{
-    ConsumerRunner, Handler, Nats, NatsConfig, Outbox, OutboxRelay, RelayConfig, RunnerConfig,
-    Topology,
+    AdvisoryHandler, ConsumerRunner, Handler, Nats, NatsConfig, Outbox, RunnerConfig, Sweeper,
+    SweeperConfig, Topology,
 };
 use orderflow_store::{Db, DbOptions, Migration};
 use tokio::net::TcpListener;
@@ -51,7 +51,7 @@ pub struct ServiceHost {
     outbox: Outbox,
     topology: Topology,
     readiness: Readiness,
-    relay_config: RelayConfig,
+    sweeper_config: SweeperConfig,
     deferred: Vec<(String, Task)>,
     stop: CancellationToken,
     span: tracing::Span,
@@ -64,7 +64,7 @@ impl ServiceHost {
         name: &'static str,
         common: &CommonConfig,
         database_url: &str,
-        migrations: &[Migration],
+        migrations: &'static [Migration],
     ) -> anyhow::Result<Self> {
         telemetry::init_tracing(&common.log_format);
         let span = tracing::info_span!("service", service = name);
@@ -74,6 +74,7 @@ impl ServiceHost {
 
         let options = DbOptions {
             max_connections: common.db_max_connections,
+            durability: common.db_durability,
             ..DbOptions::default()
         };
         let db = Db::connect(database_url, &options)
@@ -125,19 +126,27 @@ impl ServiceHost {
             async move { d.ping().await.map_err(|e| e.to_string()) }
         });
 
-        Ok(Self {
+        let mut host = Self {
             name,
             common: common.clone(),
+            outbox: Outbox::new(&db, &nats, &format!("orderflow/{name}")),
             db,
-            outbox: Outbox::new(&format!("orderflow/{name}")),
             nats,
             topology: Topology::orderflow(&common.topology()),
             readiness,
-            relay_config: RelayConfig::default(),
+            sweeper_config: SweeperConfig::default(),
             deferred: Vec::new(),
             stop: CancellationToken::new(),
             span,
-        })
+        };
+        // Messages JetStream gave up on are dead-lettered from its advisories, on the same
+        // runner as every consumer.
+        let advisories = orderflow_contracts::names::consumers::DEAD_LETTER_ADVISORIES;
+        if host.topology.consumer(advisories).is_some() {
+            let handler = AdvisoryHandler::new(&host.nats);
+            host.consumer(advisories, handler)?;
+        }
+        Ok(host)
     }
 
     /// The service's database.
@@ -150,7 +159,7 @@ impl ServiceHost {
         &self.nats
     }
 
-    /// The outbox to stage events in; wake it after commit.
+    /// The outbox: runs units of work that emit events, and publishes what they commit.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
     }
@@ -188,7 +197,7 @@ impl ServiceHost {
     /// Runs `handler` with an explicit runner configuration.
     pub fn consumer_with<H: Handler>(&mut self, handler: H, config: RunnerConfig) {
         let durable = config.consumer.durable;
-        let runner = ConsumerRunner::new(&self.nats, &self.db, &self.outbox, handler, config);
+        let runner = ConsumerRunner::new(&self.nats, &self.outbox, handler, config);
         let health = runner.health();
         self.readiness.add(format!("consumer:{durable}"), move || {
             let health = health.clone();
@@ -226,7 +235,7 @@ impl ServiceHost {
             outbox,
             topology,
             readiness,
-            relay_config,
+            sweeper_config,
             deferred,
             stop,
             span,
@@ -247,10 +256,11 @@ impl ServiceHost {
             .context("reading the HTTP listener's address")?;
         tracing::info!(%addr, "HTTP listening");
 
-        // Intake: HTTP, consumers, background tasks. The relay has its own token: it stops last.
+        // Intake: HTTP, consumers, background tasks. The sweeper has its own token: it stops
+        // last, flushing what the others committed.
         let workers = TaskTracker::new();
-        let relay_tasks = TaskTracker::new();
-        let relay_stop = CancellationToken::new();
+        let sweeper_tasks = TaskTracker::new();
+        let sweeper_stop = CancellationToken::new();
         let http_stop = stop.clone();
         workers.spawn(
             async move {
@@ -287,11 +297,8 @@ impl ServiceHost {
         match startup {
             Some(Ok(())) => {
                 topology_ready.store(true, Ordering::Relaxed);
-                let relay = OutboxRelay::new(&db, &nats, &outbox, relay_config);
-                relay_tasks.spawn(relay.run(relay_stop.clone()).instrument(span.clone()));
-                if let Some(watcher) = orderflow_messaging::AdvisoryWatcher::new(&nats, &topology) {
-                    workers.spawn(watcher.run(stop.clone()).instrument(span.clone()));
-                }
+                let sweeper = Sweeper::new(&outbox, sweeper_config);
+                sweeper_tasks.spawn(sweeper.run(sweeper_stop.clone()).instrument(span.clone()));
                 for (task_name, task) in deferred {
                     tracing::debug!(task = %task_name, "starting");
                     workers.spawn(task(stop.clone()).instrument(span.clone()));
@@ -312,8 +319,8 @@ impl ServiceHost {
         let deadline = tokio::time::Instant::now() + common.shutdown_timeout;
         settle(&workers, deadline, "in-flight work").await;
         tracing::info!("shutting down: flushing the outbox");
-        relay_stop.cancel();
-        settle(&relay_tasks, deadline, "the outbox relay").await;
+        sweeper_stop.cancel();
+        settle(&sweeper_tasks, deadline, "the outbox sweeper").await;
         nats.drain().await;
         db.close().await;
         tracing::info!("stopped");
