@@ -50,11 +50,7 @@ pub async fn contains(db: &Db, consumer: &str, event_id: EventId) -> Result<bool
 
 /// Deletes inbox rows older than `retention`, at most `batch` per transaction until none is
 /// left. Returns how many were deleted.
-pub async fn prune(
-    db: &Db,
-    retention: std::time::Duration,
-    batch: i64,
-) -> Result<u64, StoreError> {
+pub async fn prune(db: &Db, retention: std::time::Duration, batch: i64) -> Result<u64, StoreError> {
     let cutoff = now_micros() - retention.as_micros() as i64;
     let mut total = 0;
     loop {

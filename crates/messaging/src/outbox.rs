@@ -239,7 +239,12 @@ fn insert(tx: &mut Tx<'_>, rows: Vec<OutboxRow>) -> Result<Vec<Committed>, Store
     Ok(rows
         .into_iter()
         .zip(ids)
-        .filter_map(|(row, ids)| Some(Committed { id: *ids.first()?, row }))
+        .filter_map(|(row, ids)| {
+            Some(Committed {
+                id: *ids.first()?,
+                row,
+            })
+        })
         .collect())
 }
 
@@ -460,7 +465,10 @@ impl Sweeper {
         }
         ::metrics::counter!(metrics::OUTBOX_PUBLISHED_TOTAL).increment(published.len() as u64);
         if !published.is_empty() {
-            tracing::info!(published = published.len(), "outbox sweeper published rows the writers had not");
+            tracing::info!(
+                published = published.len(),
+                "outbox sweeper published rows the writers had not"
+            );
         }
         match (ack_error.or(send_error), published.is_empty()) {
             (Some(e), true) => Err(e),

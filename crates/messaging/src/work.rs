@@ -55,8 +55,9 @@ impl<'w, 't> Work<'w, 't> {
         self.staged.len()
     }
 
-    /// The events emitted, leaving none.
-    pub(crate) fn take_emitted(&mut self) -> Vec<OutboxRow> {
+    /// The events emitted so far, leaving none (the outbox writes them; handler tests look at
+    /// them).
+    pub fn take_emitted(&mut self) -> Vec<OutboxRow> {
         std::mem::take(&mut self.staged)
     }
 }
@@ -100,5 +101,15 @@ impl OutboxRow {
     /// The subject it is published on.
     pub fn subject(&self) -> &'static str {
         self.subject
+    }
+
+    /// Its envelope headers.
+    pub fn headers(&self) -> &[(&'static str, String)] {
+        &self.headers
+    }
+
+    /// Its JSON payload.
+    pub fn payload(&self) -> &str {
+        &self.payload
     }
 }

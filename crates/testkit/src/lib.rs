@@ -60,7 +60,9 @@ pub use backend::TestDb;
 pub use nats::{
     NatsCluster, NatsClusterBuilder, NatsServer, NatsServerBuilder, nats_server_binary,
 };
-pub use postgres::{PostgresServer, PostgresServerBuilder, TestDatabase, admin_sql, postgres_bin_dir};
+pub use postgres::{
+    PostgresServer, PostgresServerBuilder, TestDatabase, admin_sql, postgres_bin_dir,
+};
 pub use process::ChildProcess;
 pub use sqlite::TempSqlite;
 

@@ -19,13 +19,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use orderflow_contracts::OrderId;
+use orderflow_messaging::Outbox;
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::{RequestContext, invalid_parameter, not_found, payload_too_large};
-use orderflow_store::Db;
 use serde_json::json;
 
 use crate::domain;
-use crate::placer::{Placed, Placer};
+use crate::placer::{self, Placed};
 use crate::saga::ORDERS_PLACED_TOTAL;
 use crate::store::{self, ListFilter};
 
@@ -37,10 +37,8 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Shared state of the routes.
 #[derive(Debug, Clone)]
 pub struct Api {
-    /// The orders database.
-    pub db: Db,
-    /// Writes new orders (group commit).
-    pub placer: Placer,
+    /// The orders database, with its outbox (new orders publish `orders.created`).
+    pub outbox: Outbox,
 }
 
 /// The routes.
@@ -130,7 +128,7 @@ async fn place(
 
     let lines = order.lines.len();
     let correlation_id = ctx.correlation_id;
-    match api.placer.place(order, key, ctx).await? {
+    match placer::place(&api.outbox, order, key, ctx).await? {
         Placed::New(order_id) => {
             metrics::counter!(ORDERS_PLACED_TOTAL).increment(1);
             tracing::info!(%order_id, lines, "order placed");
@@ -142,7 +140,7 @@ async fn place(
             ))
         }
         Placed::Replay(order_id) => {
-            let view = store::get_order(&api.db, order_id)
+            let view = store::get_order(api.outbox.db(), order_id)
                 .await?
                 .ok_or_else(|| Problem::internal(&"replayed order vanished"))?;
             Ok(accepted(order_id, view.status, &view.correlation_id, true))
@@ -167,7 +165,7 @@ fn accepted(order_id: OrderId, status: &str, correlation_id: &str, replayed: boo
 /// `GET /v1/orders/{id}`.
 async fn show(State(api): State<Api>, Path(raw): Path<String>) -> Result<Response, Problem> {
     let order_id: OrderId = raw.parse().map_err(|e| invalid_parameter("order_id", e))?;
-    let view = store::get_order(&api.db, order_id)
+    let view = store::get_order(api.outbox.db(), order_id)
         .await?
         .ok_or_else(|| not_found(&format!("order {order_id}")))?;
     Ok(axum::Json(view).into_response())
@@ -218,7 +216,7 @@ async fn list(
             other => return Err(invalid_parameter(other, "unknown query parameter")),
         }
     }
-    let mut orders = store::list_orders(&api.db, &filter, limit + 1).await?;
+    let mut orders = store::list_orders(api.outbox.db(), &filter, limit + 1).await?;
     let next_cursor = if orders.len() as i64 > limit {
         orders.truncate(limit as usize);
         orders.last().map(|o| o.order_id.clone())

@@ -2,21 +2,20 @@
 //! timeline, record the priced total (`inventory.reserved`), and let the first outcome finish
 //! the order ([`crate::saga`]).
 //!
-//! Every statement is a round trip to the database, so a batch of messages is applied with a
-//! fixed number of set-based statements, whatever its size; a message applied alone (the
-//! runner's fallback after a failed batch) is a batch of one, so both paths run one piece of
-//! code. For a batch, in this order:
+//! A batch of messages is applied with a fixed number of statement groups, whatever its size
+//! (each group is one statement run for many rows: a loop on SQLite's thread, one pipelined
+//! round trip on PostgreSQL); a message applied alone (the runner's fallback after a failed
+//! batch) is a batch of one, so both paths run one piece of code. For a batch, in this order:
 //!
-//! 1. one `UPDATE … CASE` records the totals, `RETURNING` the orders that exist;
-//! 2. one `UPDATE … CASE … WHERE status = 'pending' RETURNING` moves the orders the outcomes
-//!    finish: the first outcome of an order in the batch wins, as if the messages were applied
-//!    one by one; the terminal events are emitted for exactly the orders it returns;
-//! 3. one `SELECT` tells which of the other orders exist — only when 1 and 2 left some unknown;
-//! 4. one multi-row `INSERT` writes the timeline of the orders that exist: each incoming event,
-//!    followed by the terminal event it caused, in batch order.
+//! 1. the totals are recorded, telling which orders exist;
+//! 2. the orders the outcomes finish move, each only while still `pending`: the first outcome
+//!    of an order in the batch wins, as if the messages were applied one by one; the terminal
+//!    events are emitted for exactly the orders that moved;
+//! 3. which of the other orders exist is read — only when 1 and 2 left some unknown;
+//! 4. the timeline of the orders that exist is written: each incoming event, followed by the
+//!    terminal event it caused, in batch order.
 //!
-//! A statement with nothing to do is not sent: a batch of `payments.completed` for pending
-//! orders costs two statements, one of `inventory.reserved` two as well.
+//! A group with nothing to do is not sent.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -25,7 +24,7 @@ use orderflow_contracts::events::{
     PaymentCompleted, PaymentFailed, PaymentRefunded, StockRejected, StockReserved,
 };
 use orderflow_contracts::{Event, Inbound, Money, OrderId};
-use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, Work};
+use orderflow_messaging::{Handler, HandlerError, Incoming, Work, nothing_to_prepare};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -136,23 +135,14 @@ impl<I: OrderEvent> Handler for OrderEventHandler<I> {
     type Input = I;
     type Prepared = ();
 
-    async fn prepare(&self, _: &Incoming<I>) -> Result<(), HandlerError> {
-        Ok(())
+    async fn prepare(&self, batch: &[Incoming<I>]) -> Vec<Result<(), HandlerError>> {
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<I>,
-        (): (),
-    ) -> Result<(), HandlerError> {
-        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
-    }
-
-    async fn handle_batch(
-        &self,
-        work: &mut BatchWork<'_>,
-        batch: &[(&Incoming<I>, ())],
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<I>, &())],
     ) -> Result<(), HandlerError> {
         // Every order the batch touches, locked up front in key order: the outcome consumers
         // update overlapping orders at once (an order's payment outcome can arrive while its
@@ -161,25 +151,24 @@ impl<I: OrderEvent> Handler for OrderEventHandler<I> {
             .iter()
             .map(|(msg, ())| msg.event.effect().order_id.to_string())
             .collect();
-        orderflow_store::lock_in_key_order(work.conn(), "orders", "order_id", &orders).await?;
+        work.tx().lock_in_key_order("orders", "order_id", &orders)?;
         // A round sees the effects of the rounds before it, as messages applied one by one
         // would.
         for round in batch.chunks(MESSAGES_PER_ROUND) {
-            apply(work, round).await?;
+            apply(work, round)?;
         }
         Ok(())
     }
 }
 
-/// The most messages applied by one round of statements: the largest statement then binds
-/// 2 timeline rows × 5 values a message, far below both databases' parameter limits.
+/// The most messages applied by one round of statement groups (bounds a pipeline's length).
 const MESSAGES_PER_ROUND: usize = 256;
 
-/// Applies `batch`, in this order, with a fixed number of statements (see the module
+/// Applies `batch`, in this order, with a fixed number of statement groups (see the module
 /// documentation).
-async fn apply<I: OrderEvent>(
-    work: &mut BatchWork<'_>,
-    batch: &[(&Incoming<I>, ())],
+fn apply<I: OrderEvent>(
+    work: &mut Work<'_, '_>,
+    batch: &[(&Incoming<I>, &())],
 ) -> Result<(), HandlerError> {
     let effects: Vec<Effect> = batch.iter().map(|(msg, ())| msg.event.effect()).collect();
 
@@ -189,16 +178,13 @@ async fn apply<I: OrderEvent>(
         .filter_map(|e| Some((e.order_id, e.total?)))
         .collect();
     let totals: Vec<(OrderId, Money)> = totals.into_iter().collect();
-    let mut exists: HashSet<OrderId> = store::set_totals(work.conn(), &totals)
-        .await?
-        .into_iter()
-        .collect();
+    let mut exists: HashSet<OrderId> = store::set_totals(work.tx(), &totals)?.into_iter().collect();
 
     let outcomes: Vec<(OrderId, Outcome)> = effects
         .iter()
         .filter_map(|e| Some((e.order_id, e.outcome?)))
         .collect();
-    let mut finished = saga::finish(work.conn(), &outcomes).await?;
+    let mut finished = saga::finish(work.tx(), &outcomes)?;
     exists.extend(finished.keys());
 
     let unknown: HashSet<OrderId> = effects
@@ -207,7 +193,7 @@ async fn apply<I: OrderEvent>(
         .filter(|id| !exists.contains(id))
         .collect();
     let unknown: Vec<OrderId> = unknown.into_iter().collect();
-    exists.extend(store::existing(work.conn(), &unknown).await?);
+    exists.extend(store::existing(work.tx(), &unknown)?);
 
     let now = OffsetDateTime::now_utc();
     let mut timeline = Vec::with_capacity(effects.len());
@@ -240,6 +226,6 @@ async fn apply<I: OrderEvent>(
             detail,
         });
     }
-    store::insert_timeline(work.conn(), &timeline).await?;
+    store::insert_timeline(work.tx(), &timeline)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! Layout (one composition root, [`run`]):
 //! - [`domain`]: request validation and status rules, no IO;
 //! - [`store`]: the tables;
-//! - [`placer`]: writing new orders, many requests per transaction under load;
+//! - [`placer`]: writing new orders, one unit of work each (committed together under load);
 //! - [`saga`]: outcomes → terminal states, and the deadline sweep;
 //! - [`handlers`]: the consumers of `INVENTORY` and `PAYMENTS`;
 //! - [`api`]: the HTTP API.
@@ -88,18 +88,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         consumers::ORDER_PAYMENTS,
         handlers::PaymentHandler::default(),
     )?;
-    let (db, outbox) = (host.db().clone(), host.outbox().clone());
+    let outbox = host.outbox().clone();
     let (deadline, every) = (config.saga_deadline, config.saga_check_interval);
     host.background("saga deadline", move |stop| {
-        saga::run_deadline_sweep(db, outbox, deadline, every, stop)
+        saga::run_deadline_sweep(outbox, deadline, every, stop)
     });
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
-    let placer = placer::Placer::start(host.db().clone(), host.outbox().clone());
     let routes = api::routes(api::Api {
-        db: host.db().clone(),
-        placer,
+        outbox: host.outbox().clone(),
     });
     host.serve(listener, routes).await
 }

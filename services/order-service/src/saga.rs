@@ -14,9 +14,8 @@ use std::time::Duration;
 use orderflow_contracts::events::{CancelReason, OrderCancelled, OrderConfirmed};
 use orderflow_contracts::{Event, EventMeta, Money, OrderId};
 use orderflow_messaging::Outbox;
-use orderflow_store::{Db, StoreError};
+use orderflow_store::{StoreError, Tx};
 use serde_json::json;
-use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -58,13 +57,13 @@ pub enum Outcome {
     Cancel(CancelReason),
 }
 
-/// Moves pending orders to the states their outcomes lead to, in one statement, and returns the
-/// event to publish for each order that moved. `outcomes` are in the order they arrived: the
+/// Moves pending orders to the states their outcomes lead to (one pipelined round trip), and
+/// returns the event to publish for each order that moved. `outcomes` are in the order they arrived: the
 /// first outcome wins, so only the first for each order counts — as when they are applied one
 /// by one, where a later one finds the order no longer pending. An order that is unknown or
 /// already finished is not in the answer.
-pub async fn finish(
-    conn: &mut AnyConnection,
+pub fn finish(
+    tx: &mut Tx<'_>,
     outcomes: &[(OrderId, Outcome)],
 ) -> Result<HashMap<OrderId, Terminal>, StoreError> {
     let mut first: HashMap<OrderId, Outcome> = HashMap::with_capacity(outcomes.len());
@@ -79,8 +78,8 @@ pub async fn finish(
             moves.push((order_id, next));
         }
     }
-    // One statement moves the orders that are still pending, and only those.
-    let moved = store::finish(conn, &moves).await?;
+    // Each order moves only if it is still pending.
+    let moved = store::finish(tx, &moves)?;
     Ok(moved
         .into_iter()
         .filter_map(|(order_id, created_at)| {
@@ -121,7 +120,6 @@ fn finished(order_id: OrderId, outcome: Outcome, created_at: OffsetDateTime) -> 
 
 /// Runs the deadline sweep every `every` until `stop`.
 pub async fn run_deadline_sweep(
-    db: Db,
     outbox: Outbox,
     deadline: Duration,
     every: Duration,
@@ -132,7 +130,7 @@ pub async fn run_deadline_sweep(
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        match cancel_overdue(&db, &outbox, deadline).await {
+        match cancel_overdue(&outbox, deadline).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(orders = n, "cancelled orders past the saga deadline"),
             Err(e) => tracing::warn!(error = %e, "saga deadline sweep failed; retrying"),
@@ -140,39 +138,44 @@ pub async fn run_deadline_sweep(
     }
 }
 
-/// Cancels every order pending for longer than `deadline`. Returns how many it cancelled.
-pub async fn cancel_overdue(
-    db: &Db,
-    outbox: &Outbox,
-    deadline: Duration,
-) -> Result<usize, StoreError> {
+/// Cancels every order pending for longer than `deadline` (up to 500 a pass), in one unit of
+/// work. Returns how many it cancelled.
+pub async fn cancel_overdue(outbox: &Outbox, deadline: Duration) -> Result<usize, StoreError> {
     let cutoff = OffsetDateTime::now_utc() - deadline;
-    let mut cancelled = 0;
-    for (order_id, correlation_id) in store::overdue(db, cutoff, 500).await? {
-        let mut tx = db.begin().await?;
-        let outcome = Outcome::Cancel(CancelReason::TimedOut);
-        if let Some(terminal) = finish(&mut tx, &[(order_id, outcome)])
-            .await?
-            .remove(&order_id)
-            && let Terminal::Cancelled(event) = &terminal
-        {
-            let meta = EventMeta::new(event, outbox.source(), correlation_id, None);
-            outbox.stage(&mut tx, &meta, event).await?;
-            let (subject, detail) = terminal.timeline();
-            let row = store::TimelineRow {
-                order_id,
-                event: subject,
-                event_id: meta.id,
-                at: meta.time,
-                detail,
-            };
-            store::insert_timeline(&mut tx, &[row]).await?;
-            cancelled += 1;
-        }
-        tx.commit().await?;
+    let overdue = store::overdue(outbox.db(), cutoff, 500).await?;
+    if overdue.is_empty() {
+        return Ok(0);
     }
-    if cancelled > 0 {
-        outbox.wake();
-    }
-    Ok(cancelled)
+    outbox
+        .write(move |work| {
+            let outcome = Outcome::Cancel(CancelReason::TimedOut);
+            let outcomes: Vec<(OrderId, Outcome)> = overdue
+                .iter()
+                .map(|(order_id, _)| (*order_id, outcome))
+                .collect();
+            // An order another outcome finished meanwhile is not in the answer.
+            let mut finished = finish(work.tx(), &outcomes)?;
+            let mut timeline = Vec::with_capacity(finished.len());
+            for (order_id, correlation_id) in overdue {
+                let Some(terminal) = finished.remove(&order_id) else {
+                    continue;
+                };
+                let Terminal::Cancelled(event) = &terminal else {
+                    continue;
+                };
+                let meta = EventMeta::new(event, work.source(), correlation_id, None);
+                let (subject, detail) = terminal.timeline();
+                timeline.push(store::TimelineRow {
+                    order_id,
+                    event: subject,
+                    event_id: meta.id,
+                    at: meta.time,
+                    detail,
+                });
+                work.emit_with(meta, event);
+            }
+            store::insert_timeline(work.tx(), &timeline)?;
+            Ok(timeline.len())
+        })
+        .await
 }

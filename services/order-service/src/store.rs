@@ -1,13 +1,14 @@
 //! The order service's tables: orders, their lines, their timeline and idempotency keys.
 
+//!
+//! Every function takes the unit of work's [`Tx`] and runs on the database thread; the reads
+//! the API makes outside a transaction take the [`Db`] and run on a reader.
+
 use std::collections::{HashMap, HashSet};
 
 use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId};
-use orderflow_store::{
-    AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders, values_list,
-};
+use orderflow_store::{Db, Row, StoreError, Tx, Value, from_micros, now_micros, params, row};
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
 use time::OffsetDateTime;
 
 use crate::domain::{NewOrder, Status};
@@ -76,34 +77,32 @@ pub struct KeyUse {
 }
 
 /// Looks up an idempotency key inside the transaction that may claim it.
-pub async fn key_use(conn: &mut AnyConnection, key: &str) -> Result<Option<KeyUse>, StoreError> {
-    let row =
-        sqlx::query("SELECT request, order_id FROM idempotency_keys WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(conn)
-            .await?;
-    let Some(row) = row else { return Ok(None) };
-    let order_id: String = row.try_get("order_id")?;
-    Ok(order_id.parse().ok().map(|order_id| KeyUse {
-        request: row.try_get("request").unwrap_or_default(),
-        order_id,
+pub fn key_use(tx: &mut Tx<'_>, key: &str) -> Result<Option<KeyUse>, StoreError> {
+    let found = tx.query_opt(
+        "SELECT request, order_id FROM idempotency_keys WHERE idempotency_key = $1",
+        params![key],
+        |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+    )?;
+    Ok(found.and_then(|(request, order_id)| {
+        Some(KeyUse {
+            request,
+            order_id: order_id.parse().ok()?,
+        })
     }))
 }
 
 /// Claims an idempotency key for an order.
-pub async fn claim_key(
-    conn: &mut AnyConnection,
+pub fn claim_key(
+    tx: &mut Tx<'_>,
     key: &str,
     request: &str,
     order_id: OrderId,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO idempotency_keys (idempotency_key, request, order_id, created_at) VALUES ($1, $2, $3, $4)")
-        .bind(key)
-        .bind(request)
-        .bind(order_id.to_string())
-        .bind(now_micros())
-        .execute(conn)
-        .await?;
+    tx.execute(
+        "INSERT INTO idempotency_keys (idempotency_key, request, order_id, created_at) \
+         VALUES ($1, $2, $3, $4)",
+        params![key, request, order_id.to_string(), now_micros()],
+    )?;
     Ok(())
 }
 
@@ -118,48 +117,31 @@ pub struct NewRow<'a> {
     pub correlation_id: CorrelationId,
 }
 
-/// Inserts new pending orders with their lines: one statement for the orders, one for all
-/// their lines.
-pub async fn insert_orders(
-    conn: &mut AnyConnection,
-    orders: &[NewRow<'_>],
-) -> Result<(), StoreError> {
-    if orders.is_empty() {
-        return Ok(());
-    }
-    // 4 parameters an order and 3 a line; a placing batch is at most 128 orders of at most 50
-    // lines, well below both databases' parameter limits.
-    let sql = format!(
-        "INSERT INTO orders (order_id, customer_id, payment_method, correlation_id, status, created_at, updated_at) VALUES {}",
-        values_list(orders.len(), 4, 2, ", 'pending', $1, $1")
-    );
-    // Only generated placeholders are interpolated; every value is bound.
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for row in orders {
-        query = query
-            .bind(row.order_id.to_string())
-            .bind(row.order.customer_id.as_str())
-            .bind(row.order.payment_method.as_str())
-            .bind(row.correlation_id.to_string());
-    }
-    query.execute(&mut *conn).await?;
-
-    let lines: Vec<(OrderId, &orderflow_contracts::events::OrderLine)> = orders
-        .iter()
-        .flat_map(|r| r.order.lines.iter().map(move |l| (r.order_id, l)))
-        .collect();
-    let sql = format!(
-        "INSERT INTO order_lines (order_id, product_id, quantity) VALUES {}",
-        values_list(lines.len(), 3, 1, "")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for (order_id, line) in lines {
-        query = query
-            .bind(order_id.to_string())
-            .bind(line.product_id.as_str())
-            .bind(i64::from(line.quantity.get()));
-    }
-    query.execute(&mut *conn).await?;
+/// Inserts a new pending order with its lines.
+pub fn insert_order(tx: &mut Tx<'_>, row: &NewRow<'_>) -> Result<(), StoreError> {
+    let now = now_micros();
+    let id = row.order_id.to_string();
+    tx.execute(
+        "INSERT INTO orders (order_id, customer_id, payment_method, correlation_id, status, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, 'pending', $5, $5)",
+        params![
+            id.as_str(),
+            row.order.customer_id.as_str(),
+            row.order.payment_method.as_str(),
+            row.correlation_id.to_string(),
+            now
+        ],
+    )?;
+    tx.execute_each(
+        "INSERT INTO order_lines (order_id, product_id, quantity) VALUES ($1, $2, $3)",
+        row.order.lines.iter().map(|line| {
+            row![
+                id.as_str(),
+                line.product_id.as_str(),
+                i64::from(line.quantity.get())
+            ]
+        }),
+    )?;
     Ok(())
 }
 
@@ -178,172 +160,96 @@ pub struct TimelineRow {
     pub detail: serde_json::Value,
 }
 
-/// Inserts timeline entries of orders known to exist, in one statement.
-pub async fn insert_timeline(
-    conn: &mut AnyConnection,
-    rows: &[TimelineRow],
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) VALUES {}",
-        values_list(rows.len(), 5, 1, "")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for r in rows {
-        query = query
-            .bind(r.order_id.to_string())
-            .bind(r.event)
-            .bind(r.event_id.to_string())
-            .bind(orderflow_store::to_micros(r.at))
-            .bind(r.detail.to_string());
-    }
-    query.execute(conn).await?;
+/// Inserts timeline entries of orders known to exist.
+pub fn insert_timeline(tx: &mut Tx<'_>, rows: &[TimelineRow]) -> Result<(), StoreError> {
+    tx.execute_each(
+        "INSERT INTO order_timeline (order_id, event_type, event_id, at, detail) \
+         VALUES ($1, $2, $3, $4, $5)",
+        rows.iter().map(|r| {
+            row![
+                r.order_id.to_string(),
+                r.event,
+                r.event_id.to_string(),
+                orderflow_store::to_micros(r.at),
+                r.detail.to_string()
+            ]
+        }),
+    )?;
     Ok(())
 }
 
-/// An order's current state, for the saga's decisions.
-#[derive(Debug, Clone)]
-pub struct OrderState {
-    /// Its status.
-    pub status: Status,
-    /// Its total, when priced.
-    pub total: Option<Money>,
-    /// When it was placed.
-    pub created_at: OffsetDateTime,
-}
-
-/// The state of an order, read inside the caller's transaction.
-pub async fn state(
-    conn: &mut AnyConnection,
-    order_id: OrderId,
-) -> Result<Option<OrderState>, StoreError> {
-    let row = sqlx::query("SELECT status, cancel_reason, total_minor, currency, created_at FROM orders WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .fetch_optional(conn)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let status: String = row.try_get("status")?;
-    let reason: Option<String> = row.try_get("cancel_reason")?;
-    let Some(status) = Status::from_parts(&status, reason.as_deref()) else {
-        return Ok(None);
-    };
-    Ok(Some(OrderState {
-        status,
-        total: money(&row)?,
-        created_at: from_micros(row.try_get("created_at")?),
-    }))
-}
-
-fn money(row: &sqlx::any::AnyRow) -> Result<Option<Money>, sqlx::Error> {
-    let amount: Option<i64> = row.try_get("total_minor")?;
-    let currency: Option<String> = row.try_get("currency")?;
-    Ok(match (amount, currency.as_deref().map(Currency::parse)) {
+fn money(amount: Option<i64>, currency: Option<String>) -> Option<Money> {
+    match (amount, currency.as_deref().map(Currency::parse)) {
         (Some(a), Some(Ok(c))) => Money::new(a, c).ok(),
         _ => None,
-    })
+    }
 }
 
-/// The orders among `ids` that exist, in one statement.
-pub async fn existing(
-    conn: &mut AnyConnection,
-    ids: &[OrderId],
-) -> Result<HashSet<OrderId>, StoreError> {
-    if ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let sql = format!(
-        "SELECT order_id FROM orders WHERE order_id IN ({})",
-        placeholders(1, ids.len())
-    );
-    // Only generated placeholders are interpolated; every value is bound.
-    let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
-    for id in ids {
-        query = query.bind(id.to_string());
-    }
-    let found: Vec<String> = query.fetch_all(conn).await?;
-    Ok(found.iter().filter_map(|id| id.parse().ok()).collect())
-}
-
-/// Records the priced totals of orders (each order at most once) in one statement. Returns the
-/// orders that exist.
-pub async fn set_totals(
-    conn: &mut AnyConnection,
-    totals: &[(OrderId, Money)],
-) -> Result<Vec<OrderId>, StoreError> {
-    if totals.is_empty() {
-        return Ok(Vec::new());
-    }
-    let sql = update_each(totals.len(), ["total_minor", "currency"], "", "order_id");
-    let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).bind(now_micros());
-    for (order_id, total) in totals {
-        query = query
-            .bind(order_id.to_string())
-            .bind(total.amount_minor)
-            .bind(total.currency.as_str());
-    }
-    let updated: Vec<String> = query.fetch_all(conn).await?;
-    Ok(updated.iter().filter_map(|id| id.parse().ok()).collect())
-}
-
-/// Moves pending orders (each at most once) to terminal statuses in one statement. Returns when
-/// each order that moved was placed; an order that was not pending (unknown, or another outcome
-/// or another replica's deadline sweep got there first) is not in the answer.
-pub async fn finish(
-    conn: &mut AnyConnection,
-    moves: &[(OrderId, Status)],
-) -> Result<HashMap<OrderId, OffsetDateTime>, StoreError> {
-    if moves.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = update_each(
-        moves.len(),
-        ["status", "cancel_reason"],
-        " AND status = 'pending'",
-        "order_id, created_at",
-    );
-    let mut query = sqlx::query_as(AssertSqlSafe(sql)).bind(now_micros());
-    for (order_id, status) in moves {
-        let reason = match status {
-            Status::Cancelled(r) => Some(r.as_str()),
-            _ => None,
-        };
-        query = query
-            .bind(order_id.to_string())
-            .bind(status.as_str())
-            .bind(reason);
-    }
-    let moved: Vec<(String, i64)> = query.fetch_all(conn).await?;
-    Ok(moved
-        .into_iter()
-        .filter_map(|(id, created)| Some((id.parse().ok()?, from_micros(created))))
+/// The orders among `ids` that exist.
+pub fn existing(tx: &mut Tx<'_>, ids: &[OrderId]) -> Result<HashSet<OrderId>, StoreError> {
+    let found = tx.query_each(
+        "SELECT order_id FROM orders WHERE order_id = $1",
+        ids.iter().map(|id| [Value::from(id.to_string())]),
+        |r| r.get::<String>(0),
+    )?;
+    Ok(found
+        .iter()
+        .flatten()
+        .filter_map(|id| id.parse().ok())
         .collect())
 }
 
-/// `UPDATE orders` of `n` orders in one statement, each with values of its own for `columns`:
-/// `SET a = CASE order_id WHEN $2 THEN $3 WHEN $5 THEN $6 … END, b = CASE … END, updated_at =
-/// $1 WHERE order_id IN ($2, $5, …){condition} RETURNING {returning}`. Bind the time first,
-/// then for each order its id and its two values.
-fn update_each(n: usize, columns: [&str; 2], condition: &str, returning: &str) -> String {
-    let id = |i: usize| 3 * i + 2;
-    let set = |column: usize| {
-        let whens: Vec<String> = (0..n)
-            .map(|i| format!("WHEN ${} THEN ${}", id(i), id(i) + 1 + column))
-            .collect();
-        format!(
-            "{} = CASE order_id {} END",
-            columns[column],
-            whens.join(" ")
-        )
-    };
-    let ids: Vec<String> = (0..n).map(|i| format!("${}", id(i))).collect();
-    format!(
-        "UPDATE orders SET {}, {}, updated_at = $1 WHERE order_id IN ({}){condition} RETURNING {returning}",
-        set(0),
-        set(1),
-        ids.join(", ")
-    )
+/// Records the priced totals of orders (each order at most once). Returns the orders that
+/// exist.
+pub fn set_totals(
+    tx: &mut Tx<'_>,
+    totals: &[(OrderId, Money)],
+) -> Result<Vec<OrderId>, StoreError> {
+    let now = now_micros();
+    let changed = tx.execute_each(
+        "UPDATE orders SET total_minor = $2, currency = $3, updated_at = $4 WHERE order_id = $1",
+        totals.iter().map(|(order_id, total)| {
+            row![
+                order_id.to_string(),
+                total.amount_minor,
+                total.currency.as_str(),
+                now
+            ]
+        }),
+    )?;
+    Ok(totals
+        .iter()
+        .zip(changed)
+        .filter(|&(_, n)| n > 0)
+        .map(|((order_id, _), _)| *order_id)
+        .collect())
+}
+
+/// Moves pending orders (each at most once) to terminal statuses. Returns when each order that
+/// moved was placed; an order that was not pending (unknown, or another outcome or another
+/// replica's deadline sweep got there first) is not in the answer.
+pub fn finish(
+    tx: &mut Tx<'_>,
+    moves: &[(OrderId, Status)],
+) -> Result<HashMap<OrderId, OffsetDateTime>, StoreError> {
+    let now = now_micros();
+    let moved = tx.query_each(
+        "UPDATE orders SET status = $2, cancel_reason = $3, updated_at = $4 \
+         WHERE order_id = $1 AND status = 'pending' RETURNING created_at",
+        moves.iter().map(|(order_id, status)| {
+            let reason = match status {
+                Status::Cancelled(r) => Some(r.as_str()),
+                _ => None,
+            };
+            row![order_id.to_string(), status.as_str(), reason, now]
+        }),
+        |r| r.get::<i64>(0),
+    )?;
+    Ok(moves
+        .iter()
+        .zip(moved)
+        .filter_map(|((order_id, _), created)| Some((*order_id, from_micros(*created.first()?))))
+        .collect())
 }
 
 /// Pending orders placed before `cutoff` (oldest first), with their correlation ids.
@@ -352,90 +258,87 @@ pub async fn overdue(
     cutoff: OffsetDateTime,
     limit: i64,
 ) -> Result<Vec<(OrderId, CorrelationId)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT order_id, correlation_id FROM orders WHERE status = 'pending' AND created_at < $1 ORDER BY created_at LIMIT $2",
-    )
-    .bind(orderflow_store::to_micros(cutoff))
-    .bind(limit)
-    .fetch_all(db.reader())
-    .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let order: String = row.try_get("order_id")?;
-        let correlation: String = row.try_get("correlation_id")?;
-        if let (Ok(o), Ok(c)) = (order.parse(), correlation.parse()) {
-            out.push((o, c));
-        }
-    }
-    Ok(out)
+    let cutoff = orderflow_store::to_micros(cutoff);
+    let rows: Vec<(String, String)> = db
+        .read(move |tx| {
+            tx.query(
+                "SELECT order_id, correlation_id FROM orders WHERE status = 'pending' \
+                 AND created_at < $1 ORDER BY created_at LIMIT $2",
+                params![cutoff, limit],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(o, c)| Some((o.parse().ok()?, c.parse().ok()?)))
+        .collect())
 }
 
-const ORDER_COLUMNS: &str = "order_id, customer_id, payment_method, status, cancel_reason, total_minor, currency, \
-                             correlation_id, created_at, updated_at";
+const ORDER_COLUMNS: &str = "order_id, customer_id, payment_method, status, cancel_reason, \
+                             total_minor, currency, correlation_id, created_at, updated_at";
 
-fn order_view(row: &sqlx::any::AnyRow) -> Result<OrderView, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let reason: Option<String> = row.try_get("cancel_reason")?;
+fn order_view(row: &Row<'_>) -> Result<OrderView, StoreError> {
+    let status: String = row.get(3)?;
+    let reason: Option<String> = row.get(4)?;
     let parsed = Status::from_parts(&status, reason.as_deref());
     Ok(OrderView {
-        order_id: row.try_get("order_id")?,
+        order_id: row.get(0)?,
         status: parsed.map_or("pending", Status::as_str),
         cancel_reason: match parsed {
             Some(Status::Cancelled(r)) => Some(r.as_str()),
             _ => None,
         },
-        customer_id: row.try_get("customer_id")?,
-        payment_method: row.try_get("payment_method")?,
+        customer_id: row.get(1)?,
+        payment_method: row.get(2)?,
         items: Vec::new(),
-        total: money(row)?,
-        correlation_id: row.try_get("correlation_id")?,
-        created_at: from_micros(row.try_get("created_at")?),
-        updated_at: from_micros(row.try_get("updated_at")?),
+        total: money(row.get(5)?, row.get(6)?),
+        correlation_id: row.get(7)?,
+        created_at: from_micros(row.get(8)?),
+        updated_at: from_micros(row.get(9)?),
         timeline: Vec::new(),
     })
 }
 
 /// One order with its items and timeline.
 pub async fn get_order(db: &Db, order_id: OrderId) -> Result<Option<OrderView>, StoreError> {
-    let id = order_id.to_string();
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
-    )))
-    .bind(&id)
-    .fetch_optional(db.reader())
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let mut view = order_view(&row)?;
-    view.items = sqlx::query(
-        "SELECT product_id, quantity FROM order_lines WHERE order_id = $1 ORDER BY product_id",
-    )
-    .bind(&id)
-    .fetch_all(db.reader())
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(ItemView {
-            product_id: r.try_get("product_id")?,
-            quantity: r.try_get("quantity")?,
-        })
+    db.read(move |tx| {
+        let id = order_id.to_string();
+        let Some(mut view) = tx.query_opt(
+            &format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"),
+            params![id.as_str()],
+            order_view,
+        )?
+        else {
+            return Ok(None);
+        };
+        view.items = tx.query(
+            "SELECT product_id, quantity FROM order_lines WHERE order_id = $1 ORDER BY product_id",
+            params![id.as_str()],
+            |r| {
+                Ok(ItemView {
+                    product_id: r.get(0)?,
+                    quantity: r.get(1)?,
+                })
+            },
+        )?;
+        view.timeline = tx.query(
+            "SELECT event_type, event_id, at, detail FROM order_timeline WHERE order_id = $1 \
+             ORDER BY id",
+            params![id.as_str()],
+            |r| {
+                let detail: String = r.get(3)?;
+                Ok(TimelineEntry {
+                    event: r.get(0)?,
+                    event_id: r.get(1)?,
+                    at: from_micros(r.get(2)?),
+                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                })
+            },
+        )?;
+        Ok(Some(view))
     })
-    .collect::<Result<_, sqlx::Error>>()?;
-    view.timeline = sqlx::query("SELECT event_type, event_id, at, detail FROM order_timeline WHERE order_id = $1 ORDER BY id")
-        .bind(&id)
-        .fetch_all(db.reader())
-        .await?
-        .iter()
-        .map(|r| {
-            let detail: String = r.try_get("detail")?;
-            Ok(TimelineEntry {
-                event: r.try_get("event_type")?,
-                event_id: r.try_get("event_id")?,
-                at: from_micros(r.try_get("at")?),
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
-    Ok(Some(view))
+    .await
 }
 
 /// Filters of `GET /v1/orders`.
@@ -455,56 +358,21 @@ pub async fn list_orders(
     filter: &ListFilter,
     limit: i64,
 ) -> Result<Vec<OrderView>, StoreError> {
-    let mut conditions = Vec::new();
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        format!("${n}")
-    };
-    if filter.status.is_some() {
-        conditions.push(format!("status = {}", next()));
-    }
-    if filter.customer_id.is_some() {
-        conditions.push(format!("customer_id = {}", next()));
-    }
-    if filter.before.is_some() {
-        conditions.push(format!("order_id < {}", next()));
-    }
-    let limit_param = next();
-    let where_clause = if conditions.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", conditions.join(" AND "))
-    };
-    // Only generated placeholders are interpolated; every value is bound.
-    let sql = format!(
-        "SELECT {ORDER_COLUMNS} FROM orders {where_clause} ORDER BY order_id DESC LIMIT {limit_param}"
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    if let Some(status) = filter.status {
-        query = query.bind(status);
-    }
-    if let Some(customer) = &filter.customer_id {
-        query = query.bind(customer.clone());
-    }
-    if let Some(before) = filter.before {
-        query = query.bind(before.to_string());
-    }
-    let rows = query.bind(limit).fetch_all(db.reader()).await?;
-    Ok(rows.iter().map(order_view).collect::<Result<_, _>>()?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_update_gives_each_order_its_own_values() {
-        assert_eq!(
-            update_each(2, ["a", "b"], " AND c = 1", "order_id"),
-            "UPDATE orders SET a = CASE order_id WHEN $2 THEN $3 WHEN $5 THEN $6 END, \
-             b = CASE order_id WHEN $2 THEN $4 WHEN $5 THEN $7 END, updated_at = $1 \
-             WHERE order_id IN ($2, $5) AND c = 1 RETURNING order_id"
-        );
-    }
+    // One statement text: a filter that is not set matches everything.
+    let status = filter.status;
+    let customer = filter.customer_id.clone();
+    let before = filter.before.map(|b| b.to_string());
+    db.read(move |tx| {
+        tx.query(
+            &format!(
+                "SELECT {ORDER_COLUMNS} FROM orders \
+                 WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR customer_id = $2) \
+                   AND ($3 IS NULL OR order_id < $3) \
+                 ORDER BY order_id DESC LIMIT $4"
+            ),
+            params![status, customer, before, limit],
+            order_view,
+        )
+    })
+    .await
 }

@@ -34,14 +34,13 @@ use orderflow_contracts::{
     PaymentMethod, ProductId, Quantity,
 };
 use orderflow_messaging::{
-    BatchWork, Handler, Incoming, Nats, NatsConfig, Outbox, Publisher, Topology, TopologySettings,
-    Work,
+    Handler, HandlerError, Incoming, Nats, NatsConfig, OutboxRow, Publisher, Topology,
+    TopologySettings, Work,
 };
-use orderflow_store::{Db, DbOptions};
+use orderflow_store::{Db, DbOptions, StoreError};
 use orderflow_testkit::{
     ChildProcess, NatsServer, TestDb, eventually, free_port, on_every_backend,
 };
-use sqlx::Row;
 
 /// How long the helpers wait for something that should happen.
 const WAIT: Duration = Duration::from_secs(30);
@@ -327,25 +326,27 @@ impl Story {
             }],
             payment_method: PaymentMethod::parse("card_ok").unwrap(),
         };
-        let rows: Vec<store::NewRow<'_>> = self
-            .expected
-            .iter()
-            .map(|e| store::NewRow {
-                order_id: e.order_id,
-                order: &order,
-                correlation_id: CorrelationId::new(),
-            })
-            .collect();
-        let mut tx = db.begin().await.unwrap();
-        store::insert_orders(&mut tx, &rows).await.unwrap();
+        let ids: Vec<OrderId> = self.expected.iter().map(|e| e.order_id).collect();
         let timeouts: Vec<(OrderId, Outcome)> = self
             .timed_out
             .iter()
             .map(|id| (*id, Outcome::Cancel(CancelReason::TimedOut)))
             .collect();
-        let finished = saga::finish(&mut tx, &timeouts).await.unwrap();
-        assert_eq!(finished.len(), timeouts.len());
-        tx.commit().await.unwrap();
+        db.write(move |tx| {
+            for order_id in ids {
+                let row = store::NewRow {
+                    order_id,
+                    order: &order,
+                    correlation_id: CorrelationId::new(),
+                };
+                store::insert_order(tx, &row)?;
+            }
+            let finished = saga::finish(tx, &timeouts)?;
+            assert_eq!(finished.len(), timeouts.len());
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .unwrap();
     }
 
     /// Checks every order against its expectation, and the terminal events published (or
@@ -436,57 +437,49 @@ async fn migrated(db: &TestDb) -> Db {
     store
 }
 
-/// Every message in one transaction through [`Handler::handle_batch`], as the runner does.
-async fn apply_batch<H: Handler<Prepared = ()>>(
+/// The messages applied through [`Handler::handle_batch`] in one transaction — all of them as
+/// one batch, as the runner does, or each as a batch of one in a transaction of its own, as its
+/// fallback does. Returns the events emitted.
+async fn apply<H: Handler<Prepared = ()> + Clone>(
     db: &Db,
-    outbox: &Outbox,
     handler: &H,
     messages: &[Incoming<H::Input>],
-) {
-    let batch: Vec<(&Incoming<H::Input>, ())> = messages.iter().map(|m| (m, ())).collect();
-    let mut tx = db.begin().await.unwrap();
-    let mut staged = Vec::new();
-    let mut work = BatchWork::new(&mut tx, outbox, &mut staged);
-    handler.handle_batch(&mut work, &batch).await.unwrap();
-    work.flush().await.unwrap();
-    tx.commit().await.unwrap();
-}
-
-/// Each message in its own transaction through [`Handler::handle`], as the runner's fallback
-/// does.
-async fn apply_one_by_one<H: Handler<Prepared = ()>>(
-    db: &Db,
-    outbox: &Outbox,
-    handler: &H,
-    messages: &[Incoming<H::Input>],
-) {
-    for msg in messages {
-        let mut tx = db.begin().await.unwrap();
-        let mut work = Work::new(&mut tx, outbox, &msg.meta);
-        handler.handle(&mut work, msg, ()).await.unwrap();
-        work.flush().await.unwrap();
-        tx.commit().await.unwrap();
+    one_by_one: bool,
+) -> Vec<OutboxRow>
+where
+    H::Input: Clone,
+{
+    let groups: Vec<Vec<Incoming<H::Input>>> = if one_by_one {
+        messages.iter().map(|m| vec![m.clone()]).collect()
+    } else {
+        vec![messages.to_vec()]
+    };
+    let mut emitted = Vec::new();
+    for group in groups {
+        let handler = handler.clone();
+        let rows = db
+            .write(move |tx| {
+                let mut work = Work::new(tx, "orderflow/order-service");
+                let batch: Vec<_> = group.iter().map(|m| (m, &())).collect();
+                handler.handle_batch(&mut work, &batch)?;
+                Ok::<_, HandlerError>(work.take_emitted())
+            })
+            .await
+            .unwrap();
+        emitted.extend(rows);
     }
+    emitted
 }
 
-/// The terminal events in the outbox.
-async fn staged_terminals(db: &Db) -> Vec<Terminal> {
-    let rows = sqlx::query("SELECT subject, headers, payload FROM outbox ORDER BY id")
-        .fetch_all(db.reader())
-        .await
-        .unwrap();
+/// The terminal events among emitted rows.
+fn terminals(rows: &[OutboxRow]) -> Vec<Terminal> {
     rows.iter()
         .map(|row| {
-            let subject: String = row.get("subject");
-            let headers: String = row.get("headers");
-            let payload: String = row.get("payload");
-            let headers: HashMap<String, String> =
-                serde_json::from_str::<Vec<(String, String)>>(&headers)
-                    .unwrap()
-                    .into_iter()
-                    .collect();
-            Terminal::new(&subject, payload.as_bytes(), |name| {
-                headers.get(name).map(String::as_str)
+            Terminal::new(row.subject(), row.payload().as_bytes(), |name| {
+                row.headers()
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.as_str())
             })
         })
         .collect()
@@ -494,20 +487,14 @@ async fn staged_terminals(db: &Db) -> Vec<Terminal> {
 
 async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
     let store = migrated(&db).await;
-    let outbox = Outbox::new("orderflow/order-service");
     for one_by_one in [false, true] {
         // The same story again, on orders of its own.
         let story = Story::new();
         story.place(&store).await;
         let (inventory, payments) = (InventoryHandler::default(), PaymentHandler::default());
-        if one_by_one {
-            apply_one_by_one(&store, &outbox, &inventory, &story.inventory).await;
-            apply_one_by_one(&store, &outbox, &payments, &story.payments).await;
-        } else {
-            apply_batch(&store, &outbox, &inventory, &story.inventory).await;
-            apply_batch(&store, &outbox, &payments, &story.payments).await;
-        }
-        story.check(&store, &staged_terminals(&store).await).await;
+        let mut emitted = apply(&store, &inventory, &story.inventory, one_by_one).await;
+        emitted.extend(apply(&store, &payments, &story.payments, one_by_one).await);
+        story.check(&store, &terminals(&emitted)).await;
     }
 }
 
@@ -590,11 +577,16 @@ async fn the_service_applies_real_batches(db: TestDb) {
                     ));
                 }
             }
-            let unsent: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-                    .fetch_one(store.reader())
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let unsent: i64 = store
+                .read(|tx| {
+                    tx.query_one(
+                        "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL",
+                        &[],
+                        |r| r.get(0),
+                    )
+                })
+                .await
+                .map_err(|e: StoreError| e.to_string())?;
             if unsent > 0 {
                 return Err(format!("{unsent} events not published yet"));
             }

@@ -31,9 +31,7 @@ pub struct MaxDeliveriesAdvisory {
 const ADVISORY_TYPE: &str = "io.nats.jetstream.advisory.v1.max_deliver";
 
 impl Decode for MaxDeliveriesAdvisory {
-    fn decode(
-        msg: &async_nats::jetstream::Message,
-    ) -> Result<(EventMeta, Self), String> {
+    fn decode(msg: &async_nats::jetstream::Message) -> Result<(EventMeta, Self), String> {
         let advisory: Self = serde_json::from_slice(&msg.payload)
             .map_err(|e| format!("not a max-deliveries advisory: {e}"))?;
         // The id the inbox keys on: the same for every copy of the advisory about one delivery.

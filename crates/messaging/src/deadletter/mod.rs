@@ -129,4 +129,3 @@ fn error_preview(s: &str) -> &str {
     let end = s.char_indices().nth(300).map_or(s.len(), |(i, _)| i);
     &s[..end]
 }
-

@@ -389,4 +389,3 @@ impl DeadLetters {
         Ok(outcome)
     }
 }
-

@@ -34,9 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use handler::{
-    Decode, Handler, HandlerError, Incoming, RetryPolicy, nothing_to_prepare,
-};
+pub use handler::{Decode, Handler, HandlerError, Incoming, RetryPolicy, nothing_to_prepare};
 
 use crate::deadletter::DeadLetterReason;
 use crate::topology::{ConsumerSpec, reconcile_consumer};
@@ -405,7 +403,11 @@ async fn keep_alive<H: Handler, T>(
 }
 
 /// The span of one message's handling, with the fields an operator searches by.
-fn message_span<I>(parent: &tracing::Span, consumer: &str, incoming: &Incoming<I>) -> tracing::Span {
+fn message_span<I>(
+    parent: &tracing::Span,
+    consumer: &str,
+    incoming: &Incoming<I>,
+) -> tracing::Span {
     tracing::info_span!(
         parent: parent,
         "handle",
