@@ -265,6 +265,9 @@ pub struct SweeperConfig {
     pub inbox_retention: Duration,
     /// How often old outbox and inbox rows are pruned.
     pub prune_interval: Duration,
+    /// How long a sweeper's claim on the rows it publishes lasts: a sweeper that dies mid-way
+    /// leaves them to the next one after this.
+    pub claim: Duration,
 }
 
 impl Default for SweeperConfig {
@@ -276,16 +279,13 @@ impl Default for SweeperConfig {
             sent_retention: Duration::from_hours(24),
             inbox_retention: Duration::from_hours(168),
             prune_interval: Duration::from_mins(1),
+            claim: Duration::from_secs(30),
         }
     }
 }
 
 /// Rows deleted per statement when pruning, so a prune never holds the writer for long.
 const PRUNE_BATCH: i64 = 2_000;
-
-/// How long a sweeper's claim on the rows it publishes lasts; a sweeper that dies mid-way
-/// leaves them to the next one after this.
-const CLAIM: Duration = Duration::from_secs(30);
 
 /// An outbox row to publish.
 #[derive(Debug, Clone)]
@@ -396,7 +396,7 @@ impl Sweeper {
         if waiting.is_none() {
             return Ok(Vec::new());
         }
-        let until = now + CLAIM.as_micros() as i64;
+        let until = now + self.config.claim.as_micros() as i64;
         let mut rows = db
             .write(move |tx| claim_unsent(tx, cutoff, now, until, limit))
             .await?;

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use common::{Env, Script, ScriptedHandler, order_created};
 use orderflow_contracts::names::{consumers, streams, subjects};
 use orderflow_messaging::deadletter::{Filter, group};
-use orderflow_messaging::{AdvisoryWatcher, DeadLetters, Publisher, TopologySettings};
+use orderflow_messaging::{
+    AdvisoryHandler, ConsumerRunner, DeadLetters, Publisher, RunnerConfig, TopologySettings,
+};
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -176,8 +178,19 @@ async fn messages_jetstream_gave_up_on_are_dead_lettered_from_the_advisory() {
         ..common::test_settings()
     };
     let env = Env::start_with(TestDb::sqlite(), settings).await;
-    let watcher = AdvisoryWatcher::new(&env.nats, &env.topology).unwrap();
-    tokio::spawn(watcher.run(env.shutdown.clone()));
+    // The advisories' handler on the one runner, as every service runs it.
+    let advisories = env
+        .topology
+        .consumer(consumers::DEAD_LETTER_ADVISORIES)
+        .unwrap()
+        .clone();
+    let runner = ConsumerRunner::new(
+        &env.nats,
+        &env.outbox,
+        AdvisoryHandler::new(&env.nats),
+        RunnerConfig::new(advisories),
+    );
+    tokio::spawn(runner.run(env.shutdown.clone()));
 
     // A "handler" that receives and never acks: exactly a process that dies every time.
     let spec = env

@@ -1,4 +1,5 @@
-//! The transactional outbox and its relay against a real nats-server, on SQLite and PostgreSQL.
+//! The transactional outbox — publish on commit, and the sweeper behind it — against a real
+//! nats-server, on SQLite and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use common::{Env, Script, ScriptedHandler, order_created};
 use orderflow_contracts::events::OrderCreated;
 use orderflow_contracts::names::streams;
-use orderflow_messaging::{OutboxRelay, RelayConfig};
+use orderflow_messaging::{HandlerError, Sweeper, SweeperConfig};
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -26,68 +27,116 @@ async fn stream_len(env: &Env, stream: &str) -> u64 {
         .messages
 }
 
-async fn unsent(env: &Env) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-        .fetch_one(env.db.reader())
-        .await
-        .unwrap()
+/// A sweeper that publishes whatever is unsent at once, and whose claims expire at once (as
+/// after a crash, once they timed out).
+fn sweeper(env: &Env) -> Sweeper {
+    Sweeper::new(
+        &env.outbox,
+        SweeperConfig {
+            grace: Duration::ZERO,
+            claim: Duration::ZERO,
+            ..SweeperConfig::default()
+        },
+    )
 }
 
-/// Stages `n` events, each in its own committed transaction. Returns their order ids.
-async fn stage_events(env: &Env, n: usize) -> Vec<String> {
+/// Commits `n` events, each in its own unit of work, without publishing them (as if the
+/// process died right after each commit). Returns their order ids.
+async fn commit_unpublished(env: &Env, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for _ in 0..n {
         let (meta, event) = order_created(1);
-        let mut tx = env.db.begin().await.unwrap();
-        env.outbox.stage(&mut tx, &meta, &event).await.unwrap();
-        tx.commit().await.unwrap();
         ids.push(event.order_id.to_string());
+        env.outbox
+            .write_unpublished(move |work| {
+                work.emit_with(meta, &event);
+                Ok::<_, HandlerError>(())
+            })
+            .await
+            .unwrap();
     }
     ids
 }
 
-/// A pass over an empty outbox succeeds and publishes nothing (PostgreSQL once rejected it).
+/// A pass over an empty outbox succeeds and publishes nothing.
 async fn an_empty_outbox_is_a_quiet_pass(db: TestDb) {
     let env = Env::start(db).await;
-    let relay = OutboxRelay::new(&env.db, &env.nats, &env.outbox, RelayConfig::default());
-    assert_eq!(relay.publish_pending().await.unwrap(), 0);
-    assert_eq!(relay.publish_batch().await.unwrap(), Vec::<i64>::new());
-    relay.mark_sent(&[]).await.unwrap();
+    let sweeper = sweeper(&env);
+    assert_eq!(sweeper.sweep(Duration::ZERO).await.unwrap(), 0);
+    assert_eq!(
+        sweeper.publish_batch(Duration::ZERO).await.unwrap(),
+        Vec::<i64>::new()
+    );
+    sweeper.mark_sent(&[]).await.unwrap();
 }
 
-/// Nothing is published for a transaction that rolls back.
-async fn rolled_back_events_are_never_published(db: TestDb) {
+/// Events are published by the unit of work that committed them, without any sweeper;
+/// nothing is published for a unit of work that fails. The sweeper then records the published
+/// rows as sent, and publishes nothing again.
+async fn committed_events_are_published_at_once_and_failed_ones_never(db: TestDb) {
     let env = Env::start(db).await;
     let (meta, event) = order_created(1);
-    let mut tx = env.db.begin().await.unwrap();
-    env.outbox.stage(&mut tx, &meta, &event).await.unwrap();
-    tx.rollback().await.unwrap();
-    stage_events(&env, 1).await;
-    let relay = OutboxRelay::new(&env.db, &env.nats, &env.outbox, RelayConfig::default());
-    assert_eq!(relay.publish_pending().await.unwrap(), 1);
+    let failed = env
+        .outbox
+        .write(move |work| {
+            work.emit_with(meta, &event);
+            Err::<(), _>(HandlerError::permanent("refused"))
+        })
+        .await;
+    assert!(failed.is_err());
+    let (meta, event) = order_created(1);
+    env.outbox
+        .write(move |work| {
+            work.emit_with(meta, &event);
+            Ok::<_, HandlerError>(())
+        })
+        .await
+        .unwrap();
+    eventually(WAIT, "the committed event in the stream", || async {
+        match stream_len(&env, streams::ORDERS).await {
+            1 => Ok(()),
+            n => Err(format!("{n} messages")),
+        }
+    })
+    .await;
+    assert_eq!(
+        env.unsent().await,
+        1,
+        "recorded as sent only by the sweeper"
+    );
+    env.outbox.settle(WAIT).await;
+    let sweeper = Sweeper::new(&env.outbox, SweeperConfig::default());
+    assert_eq!(
+        sweeper.sweep(Duration::ZERO).await.unwrap(),
+        0,
+        "nothing left to publish"
+    );
+    assert_eq!(env.unsent().await, 0);
     assert_eq!(stream_len(&env, streams::ORDERS).await, 1);
-    assert_eq!(unsent(&env).await, 0);
 }
 
-/// A relay killed between publishing and marking loses nothing, and the re-published copies
-/// cause no second effect downstream.
-async fn relay_crash_between_publish_and_mark_loses_nothing(db: TestDb) {
+/// Events a crash left unpublished are published by the sweeper; a sweeper killed between
+/// publishing and recording loses nothing, and the re-published copies cause no second effect
+/// downstream.
+async fn sweeper_crash_between_publish_and_mark_loses_nothing(db: TestDb) {
     let env = Env::start(db).await;
     let handler = ScriptedHandler::new(Script::default());
     let _runner = env.run_handler(handler.clone());
-    let orders = stage_events(&env, 10).await;
+    let orders = commit_unpublished(&env, 10).await;
+    assert_eq!(stream_len(&env, streams::ORDERS).await, 0);
 
-    // First relay: publishes, then "dies" before marking.
-    let first = OutboxRelay::new(&env.db, &env.nats, &env.outbox, RelayConfig::default());
-    let published = first.publish_batch().await.unwrap();
+    // First sweeper: publishes, then "dies" before recording.
+    let first = sweeper(&env);
+    let published = first.publish_batch(Duration::ZERO).await.unwrap();
     assert_eq!(published.len(), 10);
     drop(first);
-    assert_eq!(unsent(&env).await, 10, "nothing was marked");
+    assert_eq!(env.unsent().await, 10, "nothing was recorded");
 
-    // The next relay (after a restart) publishes the same rows again and marks them.
-    let second = OutboxRelay::new(&env.db, &env.nats, &env.outbox, RelayConfig::default());
-    assert_eq!(second.publish_pending().await.unwrap(), 10);
-    assert_eq!(unsent(&env).await, 0);
+    // The next sweeper (after a restart, its claims expired) publishes the same rows again
+    // and records them.
+    let second = sweeper(&env);
+    assert_eq!(second.sweep(Duration::ZERO).await.unwrap(), 10);
+    assert_eq!(env.unsent().await, 0);
     assert_eq!(
         stream_len(&env, streams::ORDERS).await,
         10,
@@ -109,26 +158,37 @@ async fn relay_crash_between_publish_and_mark_loses_nothing(db: TestDb) {
     }
 }
 
-/// Many concurrent writers, a relay woken after each commit: every event is published once, and
-/// each writer's events reach the stream in the order the writer committed them.
+/// A sweeper leaves alone what another sweeper claimed (another replica's, working on it) and
+/// what is younger than its grace period (another replica's writer publishing it).
+async fn sweepers_leave_claimed_and_fresh_rows_alone(db: TestDb) {
+    let env = Env::start(db).await;
+    commit_unpublished(&env, 3).await;
+    let patient = Sweeper::new(&env.outbox, SweeperConfig::default());
+    assert_eq!(
+        patient.sweep(Duration::from_secs(60)).await.unwrap(),
+        0,
+        "younger than the grace period"
+    );
+    let claiming = Sweeper::new(&env.outbox, SweeperConfig::default()); // 30 s claims
+    assert_eq!(
+        claiming.publish_batch(Duration::ZERO).await.unwrap().len(),
+        3
+    );
+    assert_eq!(
+        sweeper(&env).publish_batch(Duration::ZERO).await.unwrap(),
+        Vec::<i64>::new(),
+        "claimed by the first sweeper"
+    );
+}
+
+/// Many concurrent writers: every event is published once, and each writer's events reach the
+/// stream in the order the writer committed them.
 async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
     const WRITERS: usize = 8;
     const EVENTS: u32 = 40;
     let env = Env::start(db).await;
-    let relay = OutboxRelay::new(
-        &env.db,
-        &env.nats,
-        &env.outbox,
-        RelayConfig {
-            batch_size: 16,
-            ..RelayConfig::default()
-        },
-    );
-    let relay_task = tokio::spawn(relay.run(env.shutdown.clone()));
-
     let mut writers = Vec::new();
     for _ in 0..WRITERS {
-        let db = env.db.clone();
         let outbox = env.outbox.clone();
         writers.push(tokio::spawn(async move {
             // One writer = one order; its events carry their sequence number as the quantity.
@@ -137,10 +197,13 @@ async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
                 let (mut meta, mut event) = order_created(seq);
                 event.order_id = first.order_id;
                 meta.subject = Some(first.order_id.to_string());
-                let mut tx = db.begin().await.unwrap();
-                outbox.stage(&mut tx, &meta, &event).await.unwrap();
-                tx.commit().await.unwrap();
-                outbox.wake();
+                outbox
+                    .write(move |work| {
+                        work.emit_with(meta, &event);
+                        Ok::<_, HandlerError>(())
+                    })
+                    .await
+                    .unwrap();
             }
             first.order_id.to_string()
         }));
@@ -158,9 +221,12 @@ async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
         }
     })
     .await;
+    env.outbox.settle(WAIT).await;
+    let sweeper = Sweeper::new(&env.outbox, SweeperConfig::default());
+    let sweeper_task = tokio::spawn(sweeper.run(env.shutdown.clone()));
     env.shutdown.cancel();
-    relay_task.await.unwrap();
-    assert_eq!(unsent(&env).await, 0);
+    sweeper_task.await.unwrap();
+    assert_eq!(env.unsent().await, 0);
 
     let mut last: HashMap<String, u32> = HashMap::new();
     for m in env.stream_messages(streams::ORDERS).await {
@@ -175,7 +241,8 @@ async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
 
 on_every_backend!(
     an_empty_outbox_is_a_quiet_pass,
-    rolled_back_events_are_never_published,
-    relay_crash_between_publish_and_mark_loses_nothing,
+    committed_events_are_published_at_once_and_failed_ones_never,
+    sweeper_crash_between_publish_and_mark_loses_nothing,
+    sweepers_leave_claimed_and_fresh_rows_alone,
     concurrent_writers_keep_per_writer_order,
 );

@@ -9,10 +9,10 @@
 //! One reservation per order is the domain guard beside the inbox: an order already decided
 //! on is never reserved twice, whatever is redelivered or replayed.
 //!
-//! Each handler applies a whole batch with a fixed number of set-based statements (read the
-//! batch's reservations and stock, decide in memory message after message, then one statement
-//! per table), because on SQLite each statement is a round trip; a single message is a batch
-//! of one, so there is one code path.
+//! Each handler applies a whole batch with a fixed number of statement groups (read the batch's
+//! reservations and stock, decide in memory message after message, then one group per table —
+//! one pipelined round trip each on PostgreSQL); a single message is a batch of one, so there
+//! is one code path.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,7 +21,7 @@ use orderflow_contracts::events::{
     ReservationCommitted, ReservationReleased, StockRejected, StockReserved,
 };
 use orderflow_contracts::{OrderId, ProductId, Quantity};
-use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, Work};
+use orderflow_messaging::{Handler, HandlerError, Incoming, Work, nothing_to_prepare};
 
 use crate::domain::{self, Decision, ReservationStatus};
 use crate::store::{self, Move, ReservationRow};
@@ -58,8 +58,8 @@ impl Deltas {
 
     /// Moves the units; fewer products moved than asked means another replica changed the
     /// stock since it was read: the batch is retried (its messages one by one, re-reading).
-    async fn apply(&self, work: &mut BatchWork<'_>, how: Move) -> Result<(), HandlerError> {
-        let moved = store::move_stock(work.conn(), &self.0, how).await?;
+    fn apply(&self, work: &mut Work<'_, '_>, how: Move) -> Result<(), HandlerError> {
+        let moved = store::move_stock(work.tx(), &self.0, how)?;
         if moved == self.0.len() {
             Ok(())
         } else {
@@ -79,57 +79,48 @@ impl Handler for OrdersHandler {
     type Input = OrderEvent;
     type Prepared = ();
 
-    async fn prepare(&self, _: &Incoming<OrderEvent>) -> Result<(), HandlerError> {
-        Ok(())
+    async fn prepare(&self, batch: &[Incoming<OrderEvent>]) -> Vec<Result<(), HandlerError>> {
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<OrderEvent>,
-        (): (),
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<OrderEvent>, &())],
     ) -> Result<(), HandlerError> {
-        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
-    }
-
-    async fn handle_batch(
-        &self,
-        work: &mut BatchWork<'_>,
-        batch: &[(&Incoming<OrderEvent>, ())],
-    ) -> Result<(), HandlerError> {
-        serialize_stock_writers(work).await?;
+        serialize_stock_writers(work)?;
         // Orders are decided in message order; a cancellation (rare) ends a run of creations.
         let mut created = Vec::new();
         for (msg, ()) in batch {
             match &msg.event {
                 OrderEvent::Created(event) => created.push((*msg, event)),
                 OrderEvent::Cancelled(event) => {
-                    reserve(work, &std::mem::take(&mut created)).await?;
-                    release_cancelled(work, msg, event).await?;
+                    reserve(work, &std::mem::take(&mut created))?;
+                    release_cancelled(work, msg, event)?;
                 }
             }
         }
-        reserve(work, &created).await
+        reserve(work, &created)
     }
 }
 
 /// Reserves for new orders, all lines of an order or none, with the stock as it evolves
 /// through the batch.
-async fn reserve(
-    work: &mut BatchWork<'_>,
+fn reserve(
+    work: &mut Work<'_, '_>,
     created: &[(&Incoming<OrderEvent>, &OrderCreated)],
 ) -> Result<(), HandlerError> {
     if created.is_empty() {
         return Ok(());
     }
     let ids: Vec<OrderId> = created.iter().map(|(_, e)| e.order_id).collect();
-    let mut decided = store::decided(work.conn(), &ids).await?;
+    let mut decided = store::decided(work.tx(), &ids)?;
     let products: BTreeSet<&ProductId> = created
         .iter()
         .flat_map(|(_, e)| e.lines.iter().map(|l| &l.product_id))
         .collect();
     let products: Vec<&ProductId> = products.into_iter().collect();
-    let mut levels = store::stock_levels(work.conn(), &products).await?;
+    let mut levels = store::stock_levels(work.tx(), &products)?;
     let mut deltas = Deltas::default();
     let mut rows = Vec::new();
     for (msg, event) in created {
@@ -183,20 +174,18 @@ async fn reserve(
             }
         }
     }
-    deltas.apply(work, Move::Reserve).await?;
-    store::insert_reservations(work.conn(), &rows).await?;
+    deltas.apply(work, Move::Reserve)?;
+    store::insert_reservations(work.tx(), &rows)?;
     Ok(())
 }
 
-async fn release_cancelled(
-    work: &mut BatchWork<'_>,
+fn release_cancelled(
+    work: &mut Work<'_, '_>,
     msg: &Incoming<OrderEvent>,
     event: &OrderCancelled,
 ) -> Result<(), HandlerError> {
     let order_id = event.order_id;
-    let current = store::reservations(work.conn(), &[order_id])
-        .await?
-        .remove(&order_id);
+    let current = store::reservations(work.tx(), &[order_id])?.remove(&order_id);
     let (how, lines) = match current {
         None => {
             // Cancelled before we saw it: a tombstone makes a late orders.created a no-op.
@@ -206,7 +195,7 @@ async fn release_cancelled(
                 total: None,
                 lines: Vec::new(),
             };
-            store::insert_reservations(work.conn(), &[tombstone]).await?;
+            store::insert_reservations(work.tx(), &[tombstone])?;
             return Ok(());
         }
         Some((ReservationStatus::Reserved, lines)) => (Move::ReleaseReserved, lines),
@@ -221,12 +210,12 @@ async fn release_cancelled(
         ReservationStatus::Committed
     };
     let moves = [(order_id, from, ReservationStatus::Released)];
-    if store::move_statuses(work.conn(), &moves).await? != moves.len() {
+    if store::move_statuses(work.tx(), &moves)? != moves.len() {
         return Err(changed_concurrently());
     }
     let mut deltas = Deltas::default();
     deltas.add(lines.iter().map(|l| (&l.product_id, l.quantity)));
-    deltas.apply(work, how).await?;
+    deltas.apply(work, how)?;
     work.emit(
         &msg.meta,
         &ReservationReleased {
@@ -247,31 +236,22 @@ impl Handler for PaymentsHandler {
     type Input = PaymentEvent;
     type Prepared = ();
 
-    async fn prepare(&self, _: &Incoming<PaymentEvent>) -> Result<(), HandlerError> {
-        Ok(())
+    async fn prepare(&self, batch: &[Incoming<PaymentEvent>]) -> Vec<Result<(), HandlerError>> {
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<PaymentEvent>,
-        (): (),
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<PaymentEvent>, &())],
     ) -> Result<(), HandlerError> {
-        self.handle_batch(&mut work.batch(), &[(msg, ())]).await
-    }
-
-    async fn handle_batch(
-        &self,
-        work: &mut BatchWork<'_>,
-        batch: &[(&Incoming<PaymentEvent>, ())],
-    ) -> Result<(), HandlerError> {
-        serialize_stock_writers(work).await?;
+        serialize_stock_writers(work)?;
         let outcome = |msg: &Incoming<PaymentEvent>| match &msg.event {
             PaymentEvent::Completed(e) => (e.order_id, true),
             PaymentEvent::Failed(e) => (e.order_id, false),
         };
         let ids: Vec<OrderId> = batch.iter().map(|(m, ())| outcome(m).0).collect();
-        let mut current = store::reservations(work.conn(), &ids).await?;
+        let mut current = store::reservations(work.tx(), &ids)?;
         let (mut commit, mut release) = (Deltas::default(), Deltas::default());
         let mut statuses = Vec::new();
         for (msg, ()) in batch {
@@ -305,11 +285,11 @@ impl Handler for PaymentsHandler {
             statuses.push((order_id, ReservationStatus::Reserved, *status));
         }
         // The statuses move first, each only from `reserved` (see `store::move_statuses`).
-        if store::move_statuses(work.conn(), &statuses).await? != statuses.len() {
+        if store::move_statuses(work.tx(), &statuses)? != statuses.len() {
             return Err(changed_concurrently());
         }
-        commit.apply(work, Move::Commit).await?;
-        release.apply(work, Move::ReleaseReserved).await?;
+        commit.apply(work, Move::Commit)?;
+        release.apply(work, Move::ReleaseReserved)?;
         Ok(())
     }
 }
@@ -322,8 +302,8 @@ const STOCK_WRITERS_LOCK: i64 = 0x7374_6f63_6b77_7269; // "stockwri"
 /// taking turns up front keeps them from locking those rows in different orders, which
 /// deadlocks and costs `deadlock_timeout` (1 s) each time. It also means the stock a batch
 /// reads is the stock it updates.
-async fn serialize_stock_writers(work: &mut BatchWork<'_>) -> Result<(), HandlerError> {
-    Ok(orderflow_store::serialize_with(work.conn(), STOCK_WRITERS_LOCK).await?)
+fn serialize_stock_writers(work: &mut Work<'_, '_>) -> Result<(), HandlerError> {
+    Ok(work.tx().serialize_with(STOCK_WRITERS_LOCK)?)
 }
 
 /// Another transaction moved a reservation between our read and our update: the batch is

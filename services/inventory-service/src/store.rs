@@ -4,15 +4,16 @@
 //! `committed` (or adds to `available` and `restocked`), so the invariant
 //! `available + reserved + committed = initial + restocked` holds after every statement.
 
+//!
+//! The handlers' functions take the unit of work's [`Tx`] and run on the database thread; the
+//! admin API's take the [`Db`].
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use orderflow_contracts::events::{OrderLine, PricedLine};
 use orderflow_contracts::{Currency, Money, OrderId, ProductId, Quantity};
-use orderflow_store::{
-    AssertSqlSafe, Db, StoreError, case_when, now_micros, placeholders, values_list,
-};
+use orderflow_store::{Db, Row, StoreError, Tx, Value, now_micros, params, row};
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
 
 use crate::domain::{DEMO_CATALOG, ReservationStatus, StockLevel};
 
@@ -37,90 +38,98 @@ pub struct Product {
     pub restocked: i64,
 }
 
-const PRODUCT_COLUMNS: &str = "product_id, name, unit_price_minor, currency, available, reserved, committed, initial, restocked";
+const PRODUCT_COLUMNS: &str = "product_id, name, unit_price_minor, currency, available, \
+                               reserved, committed, initial, restocked";
 
-fn product(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
-    let currency: String = row.try_get("currency")?;
+fn product(row: &Row<'_>) -> Result<Product, StoreError> {
+    let currency: String = row.get(3)?;
     let currency = Currency::parse(&currency).unwrap_or(Currency::EUR);
-    let price: i64 = row.try_get("unit_price_minor")?;
+    let price: i64 = row.get(2)?;
     Ok(Product {
-        product_id: row.try_get("product_id")?,
-        name: row.try_get("name")?,
+        product_id: row.get(0)?,
+        name: row.get(1)?,
         unit_price: Money::new(price, currency).unwrap_or(Money::zero(currency)),
-        available: row.try_get("available")?,
-        reserved: row.try_get("reserved")?,
-        committed: row.try_get("committed")?,
-        initial: row.try_get("initial")?,
-        restocked: row.try_get("restocked")?,
+        available: row.get(4)?,
+        reserved: row.get(5)?,
+        committed: row.get(6)?,
+        initial: row.get(7)?,
+        restocked: row.get(8)?,
     })
 }
 
 /// Seeds the demo catalog when the catalog is empty. Returns whether it did. Replicas starting
 /// together may both see an empty catalog: the inserts skip rows another one wrote.
 pub async fn seed_demo_catalog(db: &Db) -> Result<bool, StoreError> {
-    let mut tx = db.begin().await?;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM products")
-        .fetch_one(&mut *tx)
-        .await?;
-    if n > 0 {
-        return Ok(false);
-    }
-    for (id, name, price, stock) in DEMO_CATALOG {
-        let price = Money::new(*price, Currency::EUR).unwrap_or(Money::zero(Currency::EUR));
-        insert_product(&mut tx, id, name, price, *stock, true).await?;
-    }
-    tx.commit().await?;
-    Ok(true)
+    db.write(|tx| {
+        let n: i64 = tx.query_one("SELECT COUNT(*) FROM products", &[], |r| r.get(0))?;
+        if n > 0 {
+            return Ok(false);
+        }
+        for (id, name, price, stock) in DEMO_CATALOG {
+            let price = Money::new(*price, Currency::EUR).unwrap_or(Money::zero(Currency::EUR));
+            insert_product(tx, id, name, price, *stock, true)?;
+        }
+        Ok(true)
+    })
+    .await
 }
 
-async fn insert_product(
-    conn: &mut AnyConnection,
+fn insert_product(
+    tx: &mut Tx<'_>,
     id: &str,
     name: &str,
     price: Money,
     stock: i64,
     skip_existing: bool,
-) -> Result<(), sqlx::Error> {
-    const INSERT: &str = "INSERT INTO products (product_id, name, unit_price_minor, currency, available, \
-         reserved, committed, initial, restocked, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6)";
-    const INSERT_OR_SKIP: &str = "INSERT INTO products (product_id, name, unit_price_minor, currency, available, \
-         reserved, committed, initial, restocked, updated_at) VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6) \
-         ON CONFLICT (product_id) DO NOTHING";
-    sqlx::query(if skip_existing {
-        INSERT_OR_SKIP
-    } else {
-        INSERT
-    })
-    .bind(id)
-    .bind(name)
-    .bind(price.amount_minor)
-    .bind(price.currency.as_str())
-    .bind(stock)
-    .bind(now_micros())
-    .execute(conn)
-    .await?;
+) -> Result<(), StoreError> {
+    const INSERT: &str = "INSERT INTO products (product_id, name, unit_price_minor, currency, \
+         available, reserved, committed, initial, restocked, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6)";
+    const INSERT_OR_SKIP: &str = "INSERT INTO products (product_id, name, unit_price_minor, \
+         currency, available, reserved, committed, initial, restocked, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 0, 0, $5, 0, $6) ON CONFLICT (product_id) DO NOTHING";
+    tx.execute(
+        if skip_existing {
+            INSERT_OR_SKIP
+        } else {
+            INSERT
+        },
+        params![
+            id,
+            name,
+            price.amount_minor,
+            price.currency.as_str(),
+            stock,
+            now_micros()
+        ],
+    )?;
     Ok(())
 }
 
 /// Every product, by id.
 pub async fn list_products(db: &Db) -> Result<Vec<Product>, StoreError> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY product_id"
-    )))
-    .fetch_all(db.reader())
-    .await?;
-    Ok(rows.iter().map(product).collect::<Result<_, _>>()?)
+    db.read(|tx| {
+        tx.query(
+            &format!("SELECT {PRODUCT_COLUMNS} FROM products ORDER BY product_id"),
+            &[],
+            product,
+        )
+    })
+    .await
+}
+
+fn product_in(tx: &mut Tx<'_>, id: &str) -> Result<Option<Product>, StoreError> {
+    tx.query_opt(
+        &format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE product_id = $1"),
+        params![id],
+        product,
+    )
 }
 
 /// One product.
 pub async fn get_product(db: &Db, id: &ProductId) -> Result<Option<Product>, StoreError> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products WHERE product_id = $1"
-    )))
-    .bind(id.as_str())
-    .fetch_optional(db.reader())
-    .await?;
-    Ok(row.as_ref().map(product).transpose()?)
+    let id = id.as_str().to_owned();
+    db.read(move |tx| product_in(tx, &id)).await
 }
 
 /// Creates a product with its initial stock, or updates the name and price of an existing one
@@ -132,28 +141,28 @@ pub async fn upsert_product(
     price: Money,
     initial_stock: i64,
 ) -> Result<(Product, bool), StoreError> {
-    let mut tx = db.begin().await?;
-    let updated = sqlx::query(
-        "UPDATE products SET name = $2, unit_price_minor = $3, currency = $4, updated_at = $5 \
-         WHERE product_id = $1",
-    )
-    .bind(id.as_str())
-    .bind(name)
-    .bind(price.amount_minor)
-    .bind(price.currency.as_str())
-    .bind(now_micros())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let created = updated == 0;
-    if created {
-        insert_product(&mut tx, id.as_str(), name, price, initial_stock, false).await?;
-    }
-    tx.commit().await?;
-    let product = get_product(db, id)
-        .await?
-        .ok_or(StoreError::Sqlx(sqlx::Error::RowNotFound))?;
-    Ok((product, created))
+    let (id, name) = (id.as_str().to_owned(), name.to_owned());
+    db.write(move |tx| {
+        let updated = tx.execute(
+            "UPDATE products SET name = $2, unit_price_minor = $3, currency = $4, updated_at = $5 \
+             WHERE product_id = $1",
+            params![
+                id.as_str(),
+                name.as_str(),
+                price.amount_minor,
+                price.currency.as_str(),
+                now_micros()
+            ],
+        )?;
+        let created = updated == 0;
+        if created {
+            insert_product(tx, &id, &name, price, initial_stock, false)?;
+        }
+        let product = product_in(tx, &id)?
+            .ok_or_else(|| StoreError::Decode(format!("product {id} vanished")))?;
+        Ok((product, created))
+    })
+    .await
 }
 
 /// Adds units to a product's available stock. `None` when the product does not exist.
@@ -162,51 +171,45 @@ pub async fn restock(
     id: &ProductId,
     quantity: Quantity,
 ) -> Result<Option<Product>, StoreError> {
-    let mut tx = db.begin().await?;
+    let id = id.as_str().to_owned();
     let q = i64::from(quantity.get());
-    let n = sqlx::query(
-        "UPDATE products SET available = available + $2, restocked = restocked + $2, updated_at = $3 \
-         WHERE product_id = $1",
-    )
-    .bind(id.as_str())
-    .bind(q)
-    .bind(now_micros())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    tx.commit().await?;
-    if n == 0 {
-        return Ok(None);
-    }
-    get_product(db, id).await
+    db.write(move |tx| {
+        let n = tx.execute(
+            "UPDATE products SET available = available + $2, restocked = restocked + $2, \
+             updated_at = $3 WHERE product_id = $1",
+            params![id.as_str(), q, now_micros()],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        product_in(tx, &id)
+    })
+    .await
 }
 
 /// Price and availability of the given products (unknown ones are absent).
-pub async fn stock_levels(
-    conn: &mut AnyConnection,
+pub fn stock_levels(
+    tx: &mut Tx<'_>,
     products: &[&ProductId],
 ) -> Result<BTreeMap<ProductId, StockLevel>, StoreError> {
-    if products.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let sql = format!(
-        "SELECT product_id, unit_price_minor, currency, available FROM products WHERE product_id IN ({})",
-        placeholders(1, products.len())
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for p in products {
-        query = query.bind(p.as_str());
-    }
-    let rows = query.fetch_all(conn).await?;
+    let rows = tx.query_each(
+        "SELECT product_id, unit_price_minor, currency, available FROM products \
+         WHERE product_id = $1",
+        products.iter().map(|p| [Value::from(p.as_str())]),
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<i64>(1)?,
+                r.get::<String>(2)?,
+                r.get::<i64>(3)?,
+            ))
+        },
+    )?;
     let mut out = BTreeMap::new();
-    for row in rows {
-        let id: String = row.try_get("product_id")?;
-        let currency: String = row.try_get("currency")?;
+    for (id, price, currency, available) in rows.into_iter().flatten() {
         let (Ok(id), Ok(currency)) = (ProductId::parse(id), Currency::parse(&currency)) else {
             continue; // a row we could not have written; treated as an unknown product
         };
-        let price: i64 = row.try_get("unit_price_minor")?;
-        let available: i64 = row.try_get("available")?;
         let Ok(unit_price) = Money::new(price, currency) else {
             continue;
         };
@@ -222,25 +225,15 @@ pub async fn stock_levels(
 }
 
 /// The orders among `orders` the service has already decided on.
-pub async fn decided(
-    conn: &mut AnyConnection,
-    orders: &[OrderId],
-) -> Result<HashSet<OrderId>, StoreError> {
-    if orders.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let sql = format!(
-        "SELECT order_id FROM reservations WHERE order_id IN ({})",
-        placeholders(1, orders.len())
-    );
-    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
-    for o in orders {
-        query = query.bind(o.to_string());
-    }
-    Ok(query
-        .fetch_all(conn)
-        .await?
+pub fn decided(tx: &mut Tx<'_>, orders: &[OrderId]) -> Result<HashSet<OrderId>, StoreError> {
+    let found = tx.query_each(
+        "SELECT order_id FROM reservations WHERE order_id = $1",
+        orders.iter().map(|o| [Value::from(o.to_string())]),
+        |r| r.get::<String>(0),
+    )?;
+    Ok(found
         .iter()
+        .flatten()
         .filter_map(|s| s.parse().ok())
         .collect())
 }
@@ -259,40 +252,47 @@ pub enum Move {
 }
 
 impl Move {
-    const fn columns(self) -> (&'static str, &'static str) {
+    /// The statement moving units of one product: `$1` the product, `$2` the units, `$3` the
+    /// time. Only where the source column holds enough units.
+    const fn statement(self) -> &'static str {
         match self {
-            Self::Reserve => ("available", "reserved"),
-            Self::Commit => ("reserved", "committed"),
-            Self::ReleaseReserved => ("reserved", "available"),
-            Self::ReleaseCommitted => ("committed", "available"),
+            Self::Reserve => {
+                "UPDATE products SET available = available - $2, reserved = reserved + $2, \
+                 updated_at = $3 WHERE product_id = $1 AND available >= $2"
+            }
+            Self::Commit => {
+                "UPDATE products SET reserved = reserved - $2, committed = committed + $2, \
+                 updated_at = $3 WHERE product_id = $1 AND reserved >= $2"
+            }
+            Self::ReleaseReserved => {
+                "UPDATE products SET reserved = reserved - $2, available = available + $2, \
+                 updated_at = $3 WHERE product_id = $1 AND reserved >= $2"
+            }
+            Self::ReleaseCommitted => {
+                "UPDATE products SET committed = committed - $2, available = available + $2, \
+                 updated_at = $3 WHERE product_id = $1 AND committed >= $2"
+            }
         }
     }
 }
 
-/// Moves units of many products at once, one statement: `deltas` maps a product to the units
-/// it moves. A product without enough units in the source column is not touched; the result
-/// is how many products moved, so a caller can tell a concurrent change (fewer than asked).
-pub async fn move_stock(
-    conn: &mut AnyConnection,
+/// Moves units of many products: `deltas` maps a product to the units it moves (in product
+/// order, one pipelined round trip on PostgreSQL). A product without enough units in the
+/// source column is not touched; the result is how many products moved, so a caller can tell a
+/// concurrent change (fewer than asked).
+pub fn move_stock(
+    tx: &mut Tx<'_>,
     deltas: &BTreeMap<ProductId, i64>,
     how: Move,
 ) -> Result<usize, StoreError> {
-    if deltas.is_empty() {
-        return Ok(0);
-    }
-    let (from, to) = how.columns();
-    let (case, ids) = case_when(2, deltas.len());
-    // Column names come from `Move`; only generated placeholders are interpolated besides.
-    let sql = format!(
-        "UPDATE products SET {from} = {from} - CASE product_id{case} END, \
-         {to} = {to} + CASE product_id{case} END, updated_at = $1 \
-         WHERE product_id IN ({ids}) AND {from} >= CASE product_id{case} END"
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for (product, units) in deltas {
-        query = query.bind(product.as_str()).bind(*units);
-    }
-    Ok(query.execute(conn).await?.rows_affected() as usize)
+    let now = now_micros();
+    let moved = tx.execute_each(
+        how.statement(),
+        deltas
+            .iter()
+            .map(|(product, units)| row![product.as_str(), *units, now]),
+    )?;
+    Ok(moved.iter().filter(|&&n| n > 0).count())
 }
 
 /// A reservation row to insert.
@@ -308,86 +308,72 @@ pub struct ReservationRow {
     pub lines: Vec<PricedLine>,
 }
 
-/// Inserts reservations and their lines: one statement for each table.
-pub async fn insert_reservations(
-    conn: &mut AnyConnection,
-    rows: &[ReservationRow],
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "INSERT INTO reservations (order_id, status, total_minor, currency, created_at, updated_at) VALUES {}",
-        values_list(rows.len(), 4, 2, ", $1, $1")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for r in rows {
-        query = query
-            .bind(r.order_id.to_string())
-            .bind(r.status.as_str())
-            .bind(r.total.map(|t| t.amount_minor))
-            .bind(r.total.map(|t| t.currency.as_str().to_owned()));
-    }
-    query.execute(&mut *conn).await?;
-
-    let lines: Vec<(OrderId, &PricedLine)> = rows
-        .iter()
-        .flat_map(|r| r.lines.iter().map(move |l| (r.order_id, l)))
-        .collect();
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) VALUES {}",
-        values_list(lines.len(), 4, 1, "")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for (order_id, l) in lines {
-        query = query
-            .bind(order_id.to_string())
-            .bind(l.product_id.as_str())
-            .bind(i64::from(l.quantity.get()))
-            .bind(l.unit_price.amount_minor);
-    }
-    query.execute(conn).await?;
+/// Inserts reservations and their lines.
+pub fn insert_reservations(tx: &mut Tx<'_>, rows: &[ReservationRow]) -> Result<(), StoreError> {
+    let now = now_micros();
+    tx.execute_each(
+        "INSERT INTO reservations (order_id, status, total_minor, currency, created_at, \
+         updated_at) VALUES ($1, $2, $3, $4, $5, $5)",
+        rows.iter().map(|r| {
+            row![
+                r.order_id.to_string(),
+                r.status.as_str(),
+                r.total.map(|t| t.amount_minor),
+                r.total.map(|t| t.currency.as_str().to_owned()),
+                now
+            ]
+        }),
+    )?;
+    tx.execute_each(
+        "INSERT INTO reservation_lines (order_id, product_id, quantity, unit_price_minor) \
+         VALUES ($1, $2, $3, $4)",
+        rows.iter().flat_map(|r| {
+            r.lines.iter().map(move |l| {
+                row![
+                    r.order_id.to_string(),
+                    l.product_id.as_str(),
+                    i64::from(l.quantity.get()),
+                    l.unit_price.amount_minor
+                ]
+            })
+        }),
+    )?;
     Ok(())
 }
 
-/// The reservations of `orders` with their lines, in one query.
-pub async fn reservations(
-    conn: &mut AnyConnection,
+/// The reservations of `orders` with their lines.
+pub fn reservations(
+    tx: &mut Tx<'_>,
     orders: &[OrderId],
 ) -> Result<HashMap<OrderId, (ReservationStatus, Vec<OrderLine>)>, StoreError> {
-    let mut out: HashMap<OrderId, (ReservationStatus, Vec<OrderLine>)> = HashMap::new();
-    if orders.is_empty() {
-        return Ok(out);
-    }
-    let sql = format!(
+    let found = tx.query_each(
         "SELECT r.order_id, r.status, l.product_id, l.quantity FROM reservations r \
          LEFT JOIN reservation_lines l ON l.order_id = r.order_id \
-         WHERE r.order_id IN ({}) ORDER BY r.order_id, l.product_id",
-        placeholders(1, orders.len())
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
-    for o in orders {
-        query = query.bind(o.to_string());
-    }
-    for row in query.fetch_all(conn).await? {
-        let order: String = row.try_get("order_id")?;
-        let status: String = row.try_get("status")?;
+         WHERE r.order_id = $1 ORDER BY l.product_id",
+        orders.iter().map(|o| [Value::from(o.to_string())]),
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<Option<String>>(2)?,
+                r.get::<Option<i64>>(3)?,
+            ))
+        },
+    )?;
+    let mut out: HashMap<OrderId, (ReservationStatus, Vec<OrderLine>)> = HashMap::new();
+    for (order, status, product, quantity) in found.into_iter().flatten() {
         let (Ok(order), Some(status)) =
             (order.parse::<OrderId>(), ReservationStatus::parse(&status))
         else {
             continue;
         };
         let entry = out.entry(order).or_insert_with(|| (status, Vec::new()));
-        let product: Option<String> = row.try_get("product_id")?;
-        let quantity: Option<i64> = row.try_get("quantity")?;
         if let (Some(product), Some(quantity)) = (product, quantity)
             && let (Ok(product_id), Ok(quantity)) = (
                 ProductId::parse(product),
                 Quantity::new(u32::try_from(quantity).unwrap_or(0)),
             )
+            && !entry.1.iter().any(|l| l.product_id == product_id)
         {
             entry.1.push(OrderLine {
                 product_id,
@@ -398,42 +384,26 @@ pub async fn reservations(
     Ok(out)
 }
 
-/// Moves many reservations from one status to another, one statement: each
-/// `(order, from, to)` moves only if the reservation is still in `from`. Returns how many moved,
-/// so a caller can tell that another transaction moved one first (fewer than asked).
+/// Moves many reservations from one status to another: each `(order, from, to)` moves only if
+/// the reservation is still in `from`. Returns how many moved, so a caller can tell that
+/// another transaction moved one first (fewer than asked).
 ///
 /// Callers move the status before the stock: they read the status earlier, and on PostgreSQL
 /// (read committed) another transaction — a payment outcome and a cancellation of the same
 /// order handled at once by two consumers, or by two replicas — may have moved it since. This
 /// `UPDATE` waits for that transaction, then matches nothing for the order, and the caller
 /// retries instead of moving the units a second time.
-pub async fn move_statuses(
-    conn: &mut AnyConnection,
+pub fn move_statuses(
+    tx: &mut Tx<'_>,
     moves: &[(OrderId, ReservationStatus, ReservationStatus)],
 ) -> Result<usize, StoreError> {
-    use std::fmt::Write as _;
-    if moves.is_empty() {
-        return Ok(0);
-    }
-    let (mut to_case, mut from_case, mut ids) = (String::new(), String::new(), Vec::new());
-    for i in 0..moves.len() {
-        let (key, to, from) = (2 + 3 * i, 3 + 3 * i, 4 + 3 * i);
-        let _ = write!(to_case, " WHEN ${key} THEN ${to}");
-        let _ = write!(from_case, " WHEN ${key} THEN ${from}");
-        ids.push(format!("${key}"));
-    }
-    // Only generated placeholders are interpolated; every value is bound.
-    let sql = format!(
-        "UPDATE reservations SET status = CASE order_id{to_case} END, updated_at = $1 \
-         WHERE order_id IN ({}) AND status = CASE order_id{from_case} END",
-        ids.join(", ")
-    );
-    let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-    for (order, from, to) in moves {
-        query = query
-            .bind(order.to_string())
-            .bind(to.as_str())
-            .bind(from.as_str());
-    }
-    Ok(query.execute(conn).await?.rows_affected() as usize)
+    let now = now_micros();
+    let moved = tx.execute_each(
+        "UPDATE reservations SET status = $3, updated_at = $4 \
+         WHERE order_id = $1 AND status = $2",
+        moves
+            .iter()
+            .map(|(order, from, to)| row![order.to_string(), from.as_str(), to.as_str(), now]),
+    )?;
+    Ok(moved.iter().filter(|&&n| n > 0).count())
 }

@@ -11,9 +11,9 @@ use orderflow_contracts::events::{OrderCancelled, OrderCreated};
 use orderflow_contracts::{ContractError, Event, Inbound, decode};
 use orderflow_messaging::{
     ConsumerRunner, Handler, HandlerError, Incoming, Nats, NatsConfig, Outbox, RetryPolicy,
-    RunnerConfig, Topology, TopologySettings, Work,
+    RunnerConfig, Topology, TopologySettings, Work, nothing_to_prepare,
 };
-use orderflow_store::{Db, DbOptions};
+use orderflow_store::{Db, DbOptions, StoreError, params};
 use orderflow_testkit::{NatsServer, TestDb};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -91,40 +91,39 @@ impl Handler for ScriptedHandler {
     type Input = TestInput;
     type Prepared = ();
 
-    async fn prepare(&self, _msg: &Incoming<TestInput>) -> Result<(), HandlerError> {
+    async fn prepare(&self, batch: &[Incoming<TestInput>]) -> Vec<Result<(), HandlerError>> {
         let delay = self.script.lock().unwrap().prepare_delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        Ok(())
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<TestInput>,
-        (): (),
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<TestInput>, &())],
     ) -> Result<(), HandlerError> {
         let script = self.script.lock().unwrap().clone();
-        self.seen.lock().unwrap().calls.push((
-            msg.meta.id.to_string(),
-            msg.delivered,
-            Instant::now(),
-        ));
-        // The effect: count hits per order. It must survive only when the handler succeeds.
-        let order_id = msg.event.order_id();
-        sqlx::query(
-            "INSERT INTO test_effects (order_id, hits) VALUES ($1, 1) \
-             ON CONFLICT (order_id) DO UPDATE SET hits = test_effects.hits + 1",
-        )
-        .bind(&order_id)
-        .execute(work.conn())
-        .await?;
-        if script.always_permanent || script.fail_order.as_deref() == Some(order_id.as_str()) {
-            return Err(HandlerError::permanent("the handler refuses this message"));
-        }
-        if script.always_transient || msg.delivered <= script.fail_transiently_until_delivery {
-            return Err(HandlerError::transient("boom: dependency unavailable"));
+        for (msg, ()) in batch {
+            self.seen.lock().unwrap().calls.push((
+                msg.meta.id.to_string(),
+                msg.delivered,
+                Instant::now(),
+            ));
+            // The effect: count hits per order. It must survive only when the handler succeeds.
+            let order_id = msg.event.order_id();
+            work.tx().execute(
+                "INSERT INTO test_effects (order_id, hits) VALUES ($1, 1) \
+                 ON CONFLICT (order_id) DO UPDATE SET hits = test_effects.hits + 1",
+                params![order_id.as_str()],
+            )?;
+            if script.always_permanent || script.fail_order.as_deref() == Some(order_id.as_str()) {
+                return Err(HandlerError::permanent("the handler refuses this message"));
+            }
+            if script.always_transient || msg.delivered <= script.fail_transiently_until_delivery {
+                return Err(HandlerError::transient("boom: dependency unavailable"));
+            }
         }
         Ok(())
     }
@@ -173,18 +172,22 @@ impl Env {
         )
         .await
         .unwrap();
-        sqlx::query("CREATE TABLE test_effects (order_id TEXT PRIMARY KEY, hits BIGINT NOT NULL)")
-            .execute(db.writer())
-            .await
-            .unwrap();
+        db.write(|tx| {
+            tx.execute_script(
+                "CREATE TABLE test_effects (order_id TEXT PRIMARY KEY, hits BIGINT NOT NULL)",
+            )
+        })
+        .await
+        .unwrap();
         let topology = Topology::orderflow(&settings);
         topology.reconcile_streams(&nats).await.unwrap();
+        let outbox = Outbox::new(&db, &nats, "orderflow/test");
         Self {
             server,
             nats,
             js,
             db,
-            outbox: Outbox::new("orderflow/test"),
+            outbox,
             topology,
             shutdown: CancellationToken::new(),
             _test_db: test_db,
@@ -203,18 +206,39 @@ impl Env {
             base: Duration::from_millis(200),
             max: Duration::from_secs(2),
         };
-        let runner = ConsumerRunner::new(&self.nats, &self.db, &self.outbox, handler, config);
+        let runner = ConsumerRunner::new(&self.nats, &self.outbox, handler, config);
         tokio::spawn(runner.run(self.shutdown.clone()))
     }
 
     /// Hits recorded for an order by the scripted handler (0 when none).
     pub async fn hits(&self, order_id: &str) -> i64 {
-        sqlx::query_scalar("SELECT hits FROM test_effects WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(self.db.reader())
+        let order_id = order_id.to_owned();
+        self.db
+            .read(move |tx| {
+                tx.query_opt(
+                    "SELECT hits FROM test_effects WHERE order_id = $1",
+                    params![order_id],
+                    |r| r.get::<i64>(0),
+                )
+            })
             .await
+            .map(|hits: Option<i64>| hits.unwrap_or(0))
             .unwrap()
-            .unwrap_or(0)
+    }
+
+    /// Outbox rows not recorded as sent.
+    pub async fn unsent(&self) -> i64 {
+        self.db
+            .read(|tx| {
+                tx.query_one(
+                    "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL",
+                    &[],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .map_err(|e: StoreError| e)
+            .unwrap()
     }
 
     /// Every message currently in a stream, in order.
