@@ -39,14 +39,14 @@ impl<'w, 't> Work<'w, 't> {
     /// id). Written to the outbox before the transaction commits, published after.
     pub fn emit<E: Event>(&mut self, cause: &EventMeta, event: &E) -> EventId {
         let meta = cause.caused(event, self.source);
-        self.emit_with(meta, event)
+        self.emit_with(&meta, event)
     }
 
     /// Emits an event with metadata of the caller's making (the first event of a saga, caused
     /// by a request rather than an event).
-    pub fn emit_with<E: Event>(&mut self, meta: EventMeta, event: &E) -> EventId {
+    pub fn emit_with<E: Event>(&mut self, meta: &EventMeta, event: &E) -> EventId {
         let id = meta.id;
-        self.staged.push(OutboxRow::new(&meta, event));
+        self.staged.push(OutboxRow::new(meta, event));
         id
     }
 

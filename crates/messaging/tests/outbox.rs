@@ -49,7 +49,7 @@ async fn commit_unpublished(env: &Env, n: usize) -> Vec<String> {
         ids.push(event.order_id.to_string());
         env.outbox
             .write_unpublished(move |work| {
-                work.emit_with(meta, &event);
+                work.emit_with(&meta, &event);
                 Ok::<_, HandlerError>(())
             })
             .await
@@ -79,7 +79,7 @@ async fn committed_events_are_published_at_once_and_failed_ones_never(db: TestDb
     let failed = env
         .outbox
         .write(move |work| {
-            work.emit_with(meta, &event);
+            work.emit_with(&meta, &event);
             Err::<(), _>(HandlerError::permanent("refused"))
         })
         .await;
@@ -87,7 +87,7 @@ async fn committed_events_are_published_at_once_and_failed_ones_never(db: TestDb
     let (meta, event) = order_created(1);
     env.outbox
         .write(move |work| {
-            work.emit_with(meta, &event);
+            work.emit_with(&meta, &event);
             Ok::<_, HandlerError>(())
         })
         .await
@@ -165,7 +165,7 @@ async fn sweepers_leave_claimed_and_fresh_rows_alone(db: TestDb) {
     commit_unpublished(&env, 3).await;
     let patient = Sweeper::new(&env.outbox, SweeperConfig::default());
     assert_eq!(
-        patient.sweep(Duration::from_secs(60)).await.unwrap(),
+        patient.sweep(Duration::from_mins(1)).await.unwrap(),
         0,
         "younger than the grace period"
     );
@@ -199,7 +199,7 @@ async fn concurrent_writers_keep_per_writer_order(db: TestDb) {
                 meta.subject = Some(first.order_id.to_string());
                 outbox
                     .write(move |work| {
-                        work.emit_with(meta, &event);
+                        work.emit_with(&meta, &event);
                         Ok::<_, HandlerError>(())
                     })
                     .await

@@ -423,16 +423,43 @@ impl Db {
     /// `postgres://…`, and checks that the database answers.
     pub async fn connect(url: &str, options: &DbOptions) -> Result<Self, StoreError> {
         let backend = Backend::from_url(url)?;
+        let db = match backend {
+            Backend::Sqlite => {
+                // The writer opens the file first (creating it, switching it to WAL), so the
+                // readers find it.
+                let target = SqliteTarget::parse(url);
+                target.create_parent_dir();
+                drop(SqliteSession::open(&target, options.durability, false)?);
+                Self::start(url, options, None)?
+            }
+            Backend::Postgres => {
+                // Connected here so a bad URL fails at start, with its reason; the first
+                // thread takes this connection, the others connect on first use.
+                let mut probe = PgSession::new(url, options.connect_timeout)?;
+                let probe =
+                    tokio::task::spawn_blocking(move || probe.ensure_connected().map(|()| probe))
+                        .await
+                        .map_err(|e| StoreError::Panicked(e.to_string()))??;
+                Self::start(url, options, Some(probe))?
+            }
+        };
+        db.ping().await?;
+        Ok(db)
+    }
+
+    /// Like [`Db::connect`], but connects on first use: for tools that must start while the
+    /// database may be down. Only the URL is checked now.
+    pub fn connect_lazy(url: &str, options: &DbOptions) -> Result<Self, StoreError> {
+        Self::start(url, options, None)
+    }
+
+    fn start(url: &str, options: &DbOptions, probe: Option<PgSession>) -> Result<Self, StoreError> {
+        let backend = Backend::from_url(url)?;
         let threads = options.max_connections.max(1) as usize;
         let inner = match backend {
             Backend::Sqlite => {
                 let target = SqliteTarget::parse(url);
-                target.create_parent_dir();
                 let durability = options.durability;
-                // The writer opens the file first (creating it, switching it to WAL), so the
-                // readers find it.
-                let first = SqliteSession::open(&target, durability, false)?;
-                drop(first);
                 let t = target.clone();
                 let writer = Pool::start("db-writer", 1, true, move || {
                     SqliteSession::open(&t, durability, false).map(Session::Sqlite)
@@ -447,17 +474,11 @@ impl Db {
                 }
             }
             Backend::Postgres => {
-                // Checked here so a bad URL fails at start, with its reason.
-                let mut probe = PgSession::new(url, options.connect_timeout)?;
+                // Checked before any thread starts.
+                crate::postgres::parse_url(url)?;
                 let (url, timeout) = (url.to_owned(), options.connect_timeout);
-                let connect =
-                    tokio::task::spawn_blocking(move || probe.ensure_connected().map(|()| probe));
-                let probe = connect
-                    .await
-                    .map_err(|e| StoreError::Panicked(e.to_string()))??;
-                let first = Arc::new(Mutex::new(Some(probe)));
+                let first = Arc::new(Mutex::new(probe));
                 let writer = Pool::start("db-pg", threads, false, move || {
-                    // The first thread takes the probe's connection; the others connect lazily.
                     let taken = first.lock().unwrap_or_else(PoisonError::into_inner).take();
                     match taken {
                         Some(s) => Ok(Session::Postgres(Box::new(s))),
@@ -473,11 +494,9 @@ impl Db {
                 }
             }
         };
-        let db = Self {
+        Ok(Self {
             inner: Arc::new(inner),
-        };
-        db.ping().await?;
-        Ok(db)
+        })
     }
 
     /// The engine behind this database.

@@ -119,7 +119,9 @@ fn postgres_transient(e: &tokio_postgres::Error) -> bool {
         Some(code) => transient_sqlstate(code.code()),
         // No SQLSTATE: the connection failed (I/O) — or our side did (a parameter that does
         // not convert), which retrying cannot fix.
-        None => std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+        None => {
+            std::error::Error::source(e).is_some_and(<dyn std::error::Error>::is::<std::io::Error>)
+        }
     }
 }
 

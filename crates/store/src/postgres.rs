@@ -30,17 +30,22 @@ pub(crate) struct PgSession {
     deferred: Option<&'static str>,
 }
 
+/// Parses a `postgres://` URL, naming it (password redacted) when it does not parse.
+pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    url.parse().map_err(|e| StoreError::Connect {
+        url: redact(url),
+        source: e,
+    })
+}
+
 impl PgSession {
     /// A session that connects on first use.
     pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
+        let mut config = parse_url(url)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| StoreError::Decode(format!("cannot build a runtime: {e}")))?;
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Connect {
-            url: redact(url),
-            source: e,
-        })?;
         config.connect_timeout(connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name("orderflow");

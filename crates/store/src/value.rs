@@ -167,6 +167,19 @@ impl<'r> Row<'r> {
         })
     }
 
+    /// How many columns the row has.
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            RowRef::Sqlite(row) => row.as_ref().column_count(),
+            RowRef::Postgres(row) => row.len(),
+        }
+    }
+
+    /// Whether the row has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn name(&self, idx: usize) -> Option<&str> {
         match &self.inner {
             RowRef::Sqlite(row) => row.as_ref().column_name(idx).ok(),
@@ -174,7 +187,8 @@ impl<'r> Row<'r> {
         }
     }
 
-    fn cell(&self, idx: usize) -> Result<Cell<'_>, StoreError> {
+    /// The raw value of column `idx`, whatever its type (for tools that read any table).
+    pub fn cell(&self, idx: usize) -> Result<Cell<'_>, StoreError> {
         match &self.inner {
             RowRef::Sqlite(row) => {
                 use rusqlite::types::ValueRef;

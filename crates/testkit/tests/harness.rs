@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+use orderflow_store::{Db, DbOptions, StoreError};
 use orderflow_testkit::{
     ChildProcess, NatsCluster, NatsServer, PostgresServer, TempSqlite, TestDatabase, TestDb,
     eventually, eventually_true, on_every_backend,
 };
-use sqlx::{Connection, PgConnection, Row, SqliteConnection};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -146,36 +146,31 @@ async fn publish_acked(js: &jetstream::Context, subject: &'static str, id: &'sta
 async fn test_database_is_fresh_and_usable() {
     let db = TestDatabase::postgres().await;
     assert!(db.url().ends_with(db.name()), "{}", db.url());
-    let mut conn = PgConnection::connect(db.url()).await.unwrap();
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(one, 1);
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut conn)
+    let conn = connect(db.url()).await;
+    assert_eq!(scalar_i64(&conn, "SELECT 1").await, 1);
+    let name: String = conn
+        .read(|tx| tx.query_one("SELECT current_database()", &[], |r| r.get(0)))
         .await
         .unwrap();
     assert_eq!(name, db.name());
-    let tables: i64 = sqlx::query_scalar(
+    let tables = scalar_i64(
+        &conn,
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
     )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(tables, 0, "a fresh database has no tables");
-    conn.close().await.unwrap();
+    conn.close().await;
 
     // On a shared server the database is dropped with the handle.
     if db.server().is_none() {
         let (admin_url, name) = (db.admin_url().to_owned(), db.name().to_owned());
         drop(db);
-        let mut admin = PgConnection::connect(&admin_url).await.unwrap();
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await
-            .unwrap();
+        let admin = connect(&admin_url).await;
+        let left = scalar_i64(
+            &admin,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+        )
+        .await;
         assert_eq!(left, 0, "database {name} was not dropped");
     }
 }
@@ -184,12 +179,11 @@ async fn test_database_is_fresh_and_usable() {
 async fn temp_sqlite_is_created_on_connect() {
     let db = TempSqlite::new();
     assert!(db.url().starts_with("sqlite://") && db.url().ends_with("?mode=rwc"));
-    let mut conn = SqliteConnection::connect(db.url()).await.unwrap();
-    sqlx::query("CREATE TABLE t (x INTEGER)")
-        .execute(&mut conn)
+    let conn = connect(db.url()).await;
+    conn.write(|tx| tx.execute_script("CREATE TABLE t (x INTEGER)"))
         .await
         .unwrap();
-    conn.close().await.unwrap();
+    conn.close().await;
     assert!(db.path().is_file());
 }
 
@@ -208,20 +202,18 @@ async fn throwaway_postgres_serves_until_stdin_closes() {
         },
     )
     .await;
-    let mut conn = PgConnection::connect(url.trim()).await.unwrap();
-    let row = sqlx::query("SELECT 1 AS one")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(row.get::<i32, _>("one"), 1);
-    conn.close().await.unwrap();
+    let conn = connect(url.trim()).await;
+    assert_eq!(scalar_i64(&conn, "SELECT 1").await, 1);
+    conn.close().await;
 
     helper.close_stdin();
     let status = helper.wait_exit(WAIT).await;
     assert!(status.success(), "{status}: {}", helper.log_tail(20));
     assert!(!url_file.exists(), "the URL file is removed on exit");
     assert!(
-        PgConnection::connect(url.trim()).await.is_err(),
+        Db::connect(url.trim(), &DbOptions::default())
+            .await
+            .is_err(),
         "the server is stopped"
     );
 }
@@ -262,14 +254,21 @@ async fn eventually_true_panics_on_timeout() {
 
 /// Runs on both backends through `on_every_backend!`.
 async fn select_one_on_any_backend(db: TestDb) {
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(db.url()).await.unwrap();
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&mut conn)
+    let conn = connect(db.url()).await;
+    assert_eq!(scalar_i64(&conn, "SELECT 1").await, 1, "on {}", db.name());
+    conn.close().await;
+}
+
+async fn connect(url: &str) -> Db {
+    Db::connect(url, &DbOptions::default()).await.unwrap()
+}
+
+async fn scalar_i64(db: &Db, sql: &str) -> i64 {
+    let sql = sql.to_owned();
+    db.read(move |tx| tx.query_one(&sql, &[], |r| r.get::<i64>(0)))
         .await
-        .unwrap();
-    assert_eq!(one, 1, "on {}", db.name());
-    conn.close().await.unwrap();
+        .map_err(|e: StoreError| e)
+        .unwrap()
 }
 
 on_every_backend!(select_one_on_any_backend);
@@ -324,34 +323,32 @@ async fn a_whole_cluster_stopped_or_killed_comes_back_with_its_streams() {
 async fn postgres_killed_and_started_again_keeps_its_data_and_port() {
     let mut server = PostgresServer::start().await;
     let port = server.port();
-    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
-    sqlx::query("CREATE TABLE kept (x INTEGER)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO kept VALUES (7)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let options = DbOptions {
+        max_connections: 1,
+        ..DbOptions::default()
+    };
+    let conn = Db::connect(&server.url(), &options).await.unwrap();
+    conn.write(|tx| {
+        tx.execute_script("CREATE TABLE kept (x INTEGER); INSERT INTO kept VALUES (7)")
+    })
+    .await
+    .unwrap();
 
     server.kill();
     assert!(!server.is_running());
-    assert!(
-        sqlx::query("SELECT 1").execute(&mut conn).await.is_err(),
-        "the connection is cut"
-    );
+    assert!(conn.ping().await.is_err(), "the connection is cut");
     server.start_again();
     assert!(server.is_running());
     assert_eq!(server.port(), port);
-    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
-    let x: i32 = sqlx::query_scalar("SELECT x FROM kept")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(x, 7, "committed data survives the crash");
-    conn.close().await.unwrap();
+    // The same handle connects again by itself.
+    assert_eq!(
+        scalar_i64(&conn, "SELECT x FROM kept").await,
+        7,
+        "committed data survives the crash"
+    );
+    conn.close().await;
 
     server.stop();
     server.start_again();
-    assert!(PgConnection::connect(&server.url()).await.is_ok());
+    assert!(Db::connect(&server.url(), &options).await.is_ok());
 }

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use async_nats::jetstream::{self, stream};
+use orderflow_store::{Db, DbOptions, StoreError};
 use orderflow_testkit::{NatsCluster, NatsServer, PostgresServer, free_port};
-use sqlx::{Connection, PgConnection};
 
 /// A port `p` such that `p..p + n` were all free a moment ago.
 fn free_port_run(n: u16) -> u16 {
@@ -166,22 +166,28 @@ async fn postgres_data_dir_outlives_the_server() {
         server.database_url("orders"),
         format!("postgres://postgres@127.0.0.1:{port}/orders")
     );
-    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE kept (x INTEGER); INSERT INTO kept VALUES (7)")
-        .execute(&mut conn)
+    let conn = Db::connect(&server.url(), &DbOptions::default())
         .await
         .unwrap();
-    conn.close().await.unwrap();
+    conn.write(|tx| {
+        tx.execute_script("CREATE TABLE kept (x INTEGER); INSERT INTO kept VALUES (7)")
+    })
+    .await
+    .unwrap();
+    conn.close().await;
     drop(server);
     assert!(data.join("PG_VERSION").is_file(), "the data dir is kept");
 
     // Started again on the same data dir: no initdb, the table is there.
     let server = PostgresServer::builder().data_dir(&data).start().await;
-    let mut conn = PgConnection::connect(&server.url()).await.unwrap();
-    let x: i32 = sqlx::query_scalar("SELECT x FROM kept")
-        .fetch_one(&mut conn)
+    let conn = Db::connect(&server.url(), &DbOptions::default())
         .await
         .unwrap();
+    let x: i64 = conn
+        .read(|tx| tx.query_one("SELECT x FROM kept", &[], |r| r.get(0)))
+        .await
+        .map_err(|e: StoreError| e)
+        .unwrap();
     assert_eq!(x, 7);
-    conn.close().await.unwrap();
+    conn.close().await;
 }

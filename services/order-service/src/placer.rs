@@ -121,7 +121,7 @@ fn write(
         at: meta.time,
         detail: json!({ "items": event.lines, "payment_method": event.payment_method }),
     };
-    work.emit_with(meta, &event);
+    work.emit_with(&meta, &event);
     store::insert_timeline(work.tx(), &[timeline])?;
     Ok(Placed::New(order_id))
 }

@@ -172,7 +172,7 @@ pub async fn cancel_overdue(outbox: &Outbox, deadline: Duration) -> Result<usize
                     at: meta.time,
                     detail,
                 });
-                work.emit_with(meta, event);
+                work.emit_with(&meta, event);
             }
             store::insert_timeline(work.tx(), &timeline)?;
             Ok(timeline.len())

@@ -178,8 +178,8 @@ pub fn insert_timeline(tx: &mut Tx<'_>, rows: &[TimelineRow]) -> Result<(), Stor
     Ok(())
 }
 
-fn money(amount: Option<i64>, currency: Option<String>) -> Option<Money> {
-    match (amount, currency.as_deref().map(Currency::parse)) {
+fn money(amount: Option<i64>, currency: Option<&str>) -> Option<Money> {
+    match (amount, currency.map(Currency::parse)) {
         (Some(a), Some(Ok(c))) => Money::new(a, c).ok(),
         _ => None,
     }
@@ -292,7 +292,7 @@ fn order_view(row: &Row<'_>) -> Result<OrderView, StoreError> {
         customer_id: row.get(1)?,
         payment_method: row.get(2)?,
         items: Vec::new(),
-        total: money(row.get(5)?, row.get(6)?),
+        total: money(row.get(5)?, row.get::<Option<String>>(6)?.as_deref()),
         correlation_id: row.get(7)?,
         created_at: from_micros(row.get(8)?),
         updated_at: from_micros(row.get(9)?),

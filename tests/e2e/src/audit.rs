@@ -3,7 +3,7 @@
 //! After a run, [`Auditor::settle`] polls (bounded) until the system has nothing left to do —
 //! no order pending, every consumer's backlog empty, every outbox sent, no reservation held, no
 //! refund pending, no charge kept for an order that is not confirmed. [`Auditor::audit`] then
-//! reads every service's database directly (`sqlx::any`, SQLite or PostgreSQL), the event
+//! reads every service's database directly (SQLite or PostgreSQL, through `orderflow_store`), the event
 //! streams, the dead-letter stream and the payment provider's ledger, and reports each
 //! invariant as a figure; an audit passes when every violation figure is 0.
 //!
@@ -53,9 +53,8 @@ use futures::StreamExt;
 use orderflow_contracts::names::{headers, streams, subjects};
 use orderflow_messaging::deadletter::Filter;
 use orderflow_messaging::{DeadLetters, Nats, NatsConfig, Topology, TopologySettings};
+use orderflow_store::{Cell, Column, Db, DbOptions, StoreError};
 use serde_json::Value;
-use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Row};
 use tokio::time::Instant;
 
 use crate::load;
@@ -449,7 +448,7 @@ struct Charge {
 pub struct Auditor {
     targets: Targets,
     /// `[orders, inventory, payments]`.
-    dbs: [AnyPool; 3],
+    dbs: [Db; 3],
     nats: Nats,
     http: reqwest::Client,
 }
@@ -457,17 +456,18 @@ pub struct Auditor {
 impl Auditor {
     /// Connects to every database and to NATS.
     pub async fn connect(targets: Targets) -> Self {
-        sqlx::any::install_default_drivers();
         let mut pools = Vec::new();
         for url in &targets.databases {
-            let pool = AnyPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy(url)
+            let options = DbOptions {
+                max_connections: 2,
+                ..DbOptions::default()
+            };
+            // Lazy: a database may be down (a chaos fault) when the auditor starts.
+            let pool = Db::connect_lazy(url, &options)
                 .unwrap_or_else(|e| panic!("auditor: bad database URL {url}: {e}"));
             pools.push(pool);
         }
-        let dbs: [AnyPool; 3] = pools.try_into().expect("three databases");
+        let dbs: [Db; 3] = pools.try_into().expect("three databases");
         let nats = Nats::connect(&NatsConfig::new(targets.nats_urls.join(","), "auditor"))
             .await
             .unwrap_or_else(|e| panic!("auditor: cannot connect to NATS: {e}"));
@@ -553,10 +553,7 @@ impl Auditor {
                 }),
         );
         for (pool, what, sql) in checks {
-            let n: i64 = sqlx::query_scalar(sql)
-                .fetch_one(pool)
-                .await
-                .map_err(|e| format!("{what}: {e}"))?;
+            let n = count(pool, sql).await.map_err(|e| format!("{what}: {e}"))?;
             if n > 0 {
                 waiting.push(format!("{n} {what}"));
             }
@@ -569,13 +566,15 @@ impl Auditor {
         if backlog > 0 {
             waiting.push(format!("backlog {backlog}"));
         }
-        let confirmed: HashSet<String> =
-            sqlx::query_scalar("SELECT order_id FROM orders WHERE status = 'confirmed'")
-                .fetch_all(orders)
-                .await
-                .map_err(|e| format!("confirmed orders: {e}"))?
-                .into_iter()
-                .collect();
+        let confirmed: HashSet<String> = try_rows(
+            orders,
+            "SELECT order_id FROM orders WHERE status = 'confirmed'",
+        )
+        .await
+        .map_err(|e| format!("confirmed orders: {e}"))?
+        .into_iter()
+        .map(|r| r.get::<String>(0))
+        .collect();
         let kept = self
             .charges()
             .await?
@@ -638,11 +637,11 @@ impl Auditor {
         .into_iter()
         .map(|r| {
             (
-                r.get::<String, _>(0),
+                r.get::<String>(0),
                 (
-                    r.get::<String, _>(1),
-                    r.get::<Option<String>, _>(2),
-                    r.get::<Option<i64>, _>(3),
+                    r.get::<String>(1),
+                    r.get::<Option<String>>(2),
+                    r.get::<Option<i64>>(3),
                 ),
             )
         })
@@ -689,11 +688,11 @@ impl Auditor {
         .into_iter()
         .map(|r| {
             (
-                r.get::<String, _>(0),
+                r.get::<String>(0),
                 (
-                    r.get::<String, _>(1),
-                    r.get::<Option<String>, _>(2),
-                    r.get::<i64, _>(3),
+                    r.get::<String>(1),
+                    r.get::<Option<String>>(2),
+                    r.get::<i64>(3),
                 ),
             )
         })
@@ -702,17 +701,15 @@ impl Auditor {
         // Outboxes and inboxes of every service.
         let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
         for (i, db) in self.dbs.iter().enumerate() {
-            let unsent: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-                    .fetch_one(db)
-                    .await
-                    .unwrap_or_else(|e| panic!("auditor: outbox: {e}"));
+            let unsent = count(db, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+                .await
+                .unwrap_or_else(|e| panic!("auditor: outbox: {e}"));
             audit.outbox_unsent[i] = unsent as u64;
             for r in rows(db, "SELECT consumer, event_id FROM inbox").await {
                 inboxes
-                    .entry(r.get::<String, _>(0))
+                    .entry(r.get::<String>(0))
                     .or_default()
-                    .insert(r.get::<String, _>(1));
+                    .insert(r.get::<String>(1));
             }
         }
 
@@ -877,7 +874,7 @@ impl Auditor {
         );
         let mut terminal_entries: HashMap<String, u64> = HashMap::new();
         for r in timeline_terminals {
-            *terminal_entries.entry(r.get::<String, _>(0)).or_default() += 1;
+            *terminal_entries.entry(r.get::<String>(0)).or_default() += 1;
         }
         for (order, n) in terminal_entries {
             if n > 1 {
@@ -909,7 +906,7 @@ impl Auditor {
         for p in &products {
             let id: String = p.get(0);
             let [available, reserved, committed, initial, restocked] =
-                [1, 2, 3, 4, 5].map(|i| p.get::<i64, _>(i));
+                [1, 2, 3, 4, 5].map(|i| p.get::<i64>(i));
             let drift = (available + reserved + committed - initial - restocked).unsigned_abs();
             if drift > 0 {
                 samples.add("stock not conserved", &id);
@@ -1081,24 +1078,73 @@ impl Samples {
     }
 }
 
-async fn rows(pool: &AnyPool, sql: &str) -> Vec<sqlx::any::AnyRow> {
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_all(pool)
+/// A value read from any table, owned.
+#[derive(Debug, Clone)]
+enum Owned {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+/// A row read from any table.
+#[derive(Debug, Clone)]
+struct Fields(Vec<Owned>);
+
+impl Fields {
+    /// Column `i` as `T`; the auditor stops at a value of the wrong type.
+    fn get<T: Column>(&self, i: usize) -> T {
+        let cell = match &self.0[i] {
+            Owned::Null => Cell::Null,
+            Owned::Int(n) => Cell::Int(*n),
+            Owned::Text(s) => Cell::Text(s),
+        };
+        T::read(&cell).unwrap_or_else(|e| panic!("auditor: column {i}: {e}"))
+    }
+}
+
+async fn try_rows(db: &Db, sql: &str) -> Result<Vec<Fields>, StoreError> {
+    let sql = sql.to_owned();
+    db.read(move |tx| {
+        tx.query(&sql, &[], |r| {
+            (0..r.len())
+                .map(|i| {
+                    Ok(match r.cell(i)? {
+                        Cell::Null => Owned::Null,
+                        Cell::Int(n) => Owned::Int(n),
+                        Cell::Text(s) => Owned::Text(s.to_owned()),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+                .map(Fields)
+        })
+    })
+    .await
+}
+
+async fn rows(db: &Db, sql: &str) -> Vec<Fields> {
+    try_rows(db, sql)
         .await
         .unwrap_or_else(|e| panic!("auditor: {sql}: {e}"))
 }
 
+async fn count(db: &Db, sql: &str) -> Result<i64, StoreError> {
+    Ok(try_rows(db, sql)
+        .await?
+        .first()
+        .map_or(0, |r| r.get::<i64>(0)))
+}
+
 /// A query's two text columns as a map from the first to the second.
-async fn pairs(pool: &AnyPool, sql: &str) -> HashMap<String, String> {
-    rows(pool, sql)
+async fn pairs(db: &Db, sql: &str) -> HashMap<String, String> {
+    rows(db, sql)
         .await
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
 
-async fn lines(pool: &AnyPool, sql: &str) -> Vec<(String, String, i64)> {
-    rows(pool, sql)
+async fn lines(db: &Db, sql: &str) -> Vec<(String, String, i64)> {
+    rows(db, sql)
         .await
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))

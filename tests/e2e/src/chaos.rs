@@ -524,21 +524,23 @@ where
 /// Waits (at most `bound`) until every order placed before now is confirmed or cancelled;
 /// whether it happened.
 async fn caught_up(orders_db: &str, bound: Duration) -> bool {
-    sqlx::any::install_default_drivers();
-    let cutoff = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    let Ok(pool) = sqlx::AnyPool::connect(orders_db).await else {
+    let cutoff = orderflow_store::now_micros();
+    let Ok(db) =
+        orderflow_store::Db::connect_lazy(orders_db, &orderflow_store::DbOptions::default())
+    else {
         return false;
     };
     let deadline = Instant::now() + bound;
     while Instant::now() < deadline {
-        let pending: Result<i64, _> = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM orders WHERE status = 'pending' AND created_at < $1",
-        )
-        .bind(cutoff)
-        .fetch_one(&pool)
-        .await;
+        let pending = db
+            .read(move |tx| {
+                tx.query_one(
+                    "SELECT COUNT(*) FROM orders WHERE status = 'pending' AND created_at < $1",
+                    orderflow_store::params![cutoff],
+                    |r| r.get::<i64>(0),
+                )
+            })
+            .await;
         if matches!(pending, Ok(0)) {
             return true;
         }

@@ -846,20 +846,14 @@ impl System {
 /// One throwaway PostgreSQL server with the three databases on it; the URLs are
 /// `[orders, inventory, payments]`.
 async fn private_postgres() -> (PostgresServer, [String; 3]) {
-    use sqlx::Connection as _;
     let server = PostgresServer::start().await;
-    let mut admin = sqlx::PgConnection::connect(&server.url())
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to the private PostgreSQL: {e}"));
     let names = ["orders", "inventory", "payments"];
     for name in names {
         // Fixed names: safe to splice.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
+        orderflow_testkit::admin_sql(&server.url(), &format!("CREATE DATABASE {name}"))
             .await
             .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
     }
-    let _ = admin.close().await;
     let urls = names.map(|n| server.database_url(n));
     (server, urls)
 }

@@ -8,6 +8,7 @@
 //! tier is the `chaos` binary (`docs/reliability.md`).
 #![allow(clippy::unwrap_used, clippy::too_many_lines, missing_docs)]
 
+use orderflow_store::{Db, DbOptions, params};
 use std::time::Duration;
 
 use orderflow_contracts::events::OrderConfirmed;
@@ -58,26 +59,35 @@ async fn the_auditor_counts_what_breaks_the_invariants() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as i64;
-    sqlx::any::install_default_drivers();
-    let orders = sqlx::AnyPool::connect(&system.database_urls()[0])
+    let orders = Db::connect(&system.database_urls()[0], &DbOptions::default())
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, payment_method, status, correlation_id, \
-         created_at, updated_at) VALUES ($1, 'ghost', 'card_ok', 'pending', $2, $3, $3)",
-    )
-    .bind(OrderId::new().to_string())
-    .bind(CorrelationId::new().to_string())
-    .bind(now_micros)
-    .execute(&orders)
-    .await
-    .unwrap();
+    orders
+        .write(move |tx| {
+            tx.execute(
+                "INSERT INTO orders (order_id, customer_id, payment_method, status, \
+                 correlation_id, created_at, updated_at) \
+                 VALUES ($1, 'ghost', 'card_ok', 'pending', $2, $3, $3)",
+                params![
+                    OrderId::new().to_string(),
+                    CorrelationId::new().to_string(),
+                    now_micros
+                ],
+            )
+        })
+        .await
+        .unwrap();
     // Three units of stock out of thin air.
-    let inventory = sqlx::AnyPool::connect(&system.database_urls()[1])
+    let inventory = Db::connect(&system.database_urls()[1], &DbOptions::default())
         .await
         .unwrap();
-    sqlx::query("UPDATE products SET available = available + 3 WHERE product_id = 'SKU-001'")
-        .execute(&inventory)
+    inventory
+        .write(|tx| {
+            tx.execute(
+                "UPDATE products SET available = available + 3 WHERE product_id = 'SKU-001'",
+                &[],
+            )
+        })
         .await
         .unwrap();
     // Money taken for no order.

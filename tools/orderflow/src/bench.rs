@@ -276,14 +276,10 @@ async fn storage(store: Store) -> anyhow::Result<Storage> {
         Store::Postgres => {
             let server =
                 contain::blocking_async("starting PostgreSQL", PostgresServer::start).await?;
-            use sqlx::Connection as _;
-            let mut conn = sqlx::PgConnection::connect(&server.url())
-                .await
-                .context("connecting to PostgreSQL")?;
             for db in ["orders", "inventory", "payments"] {
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-                    .execute(&mut conn)
+                orderflow_testkit::admin_sql(&server.url(), &format!("CREATE DATABASE {db}"))
                     .await
+                    .map_err(|e| anyhow::anyhow!(e))
                     .with_context(|| format!("creating database {db}"))?;
             }
             let urls = [

@@ -18,7 +18,7 @@ use orderflow_contracts::{
 use orderflow_messaging::deadletter::Filter;
 use orderflow_messaging::{
     ConsumerRunner, DeadLetters, Handler, HandlerError, Incoming, Nats, NatsConfig, Outbox,
-    Publisher, RunnerConfig, Topology, TopologySettings, Work,
+    Publisher, RunnerConfig, Topology, TopologySettings, Work, nothing_to_prepare,
 };
 use orderflow_store::{Db, DbOptions};
 use orderflow_testkit::{NatsServer, TempSqlite, eventually};
@@ -49,20 +49,20 @@ impl Handler for SwitchableHandler {
     type Input = Input;
     type Prepared = ();
 
-    async fn prepare(&self, _msg: &Incoming<Input>) -> Result<(), HandlerError> {
-        Ok(())
+    async fn prepare(&self, batch: &[Incoming<Input>]) -> Vec<Result<(), HandlerError>> {
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    fn handle_batch(
         &self,
-        _work: &mut Work<'_>,
-        msg: &Incoming<Input>,
-        (): (),
+        _work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<Input>, &())],
     ) -> Result<(), HandlerError> {
         if self.refuse.load(Ordering::SeqCst) {
             return Err(HandlerError::permanent(REFUSAL));
         }
-        self.handled.lock().unwrap().push(msg.meta.id.to_string());
+        let mut handled = self.handled.lock().unwrap();
+        handled.extend(batch.iter().map(|(msg, ())| msg.meta.id.to_string()));
         Ok(())
     }
 }
@@ -118,8 +118,7 @@ impl Env {
             .clone();
         let runner = ConsumerRunner::new(
             &nats,
-            &db,
-            &Outbox::new("orderflow/dlq-test"),
+            &Outbox::new(&db, &nats, "orderflow/dlq-test"),
             handler.clone(),
             RunnerConfig::new(spec),
         );

@@ -13,8 +13,8 @@ use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use orderflow_store::{Db, DbOptions, params};
 use orderflow_testkit::{ChildProcess, NatsCluster, NatsServer, PostgresServer};
-use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use tokio::time::Instant;
 
 use super::plan::{CLUSTER_SIZE, NatsPlan, PostgresPlan, ProcessPlan, SIMULATOR};
@@ -481,26 +481,34 @@ async fn is_ready(client: &reqwest::Client, port: u16) -> bool {
 
 /// Creates each of `databases` that does not exist yet on the server at `admin_url`.
 async fn create_databases(admin_url: &str, databases: &[&'static str]) -> anyhow::Result<()> {
-    let mut conn = PgConnection::connect(admin_url)
+    let options = DbOptions {
+        max_connections: 1,
+        ..DbOptions::default()
+    };
+    let admin = Db::connect(admin_url, &options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL at {admin_url}"))?;
     for &name in databases {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(name)
-                .fetch_one(&mut conn)
-                .await
-                .with_context(|| format!("cannot look up database {name}"))?;
-        if !exists {
-            // `name` is one of the plan's fixed database names, not input: safe to splice.
-            sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                .execute(&mut conn)
-                .await
-                .with_context(|| format!("cannot create database {name}"))?;
-        }
+        // Outside a transaction: CREATE DATABASE cannot run inside one.
+        admin
+            .read(move |tx| {
+                let exists = tx
+                    .query_opt(
+                        "SELECT 1 FROM pg_database WHERE datname = $1",
+                        params![name],
+                        |_| Ok(()),
+                    )?
+                    .is_some();
+                if !exists {
+                    // `name` is one of the plan's fixed database names, not input: safe to
+                    // splice.
+                    tx.execute_script(&format!("CREATE DATABASE \"{name}\""))?;
+                }
+                Ok::<_, orderflow_store::StoreError>(())
+            })
+            .await
+            .with_context(|| format!("cannot create database {name}"))?;
     }
-    conn.close()
-        .await
-        .context("cannot close the PostgreSQL admin connection")?;
+    admin.close().await;
     Ok(())
 }
