@@ -1,17 +1,28 @@
 //! JetStream pieces of the load generator (`orderflow bench`): watching events go by, and the
-//! raw-JetStream baseline the system is compared with in the same run.
+//! two baselines the system is compared with in the same run.
 //!
-//! The baseline [`Chain`] is the saga's message flow with nothing else: a message published on
-//! the first hop is pulled, republished on the next hop (awaiting the publish ack, with a
-//! `Nats-Msg-Id` like the outbox), acked, and so on for as many hops as the saga has — no
-//! database, no HTTP, no decoding. Its throughput and latency are what the broker alone gives
-//! on this machine right now; the system's figures are reported as ratios to it.
+//! - The raw [`Chain`] is the saga's message flow with nothing else: a message published on the
+//!   first hop is pulled, republished on the next hop (awaiting the publish ack, with a
+//!   `Nats-Msg-Id` like the outbox), acked, and so on for as many hops as the saga has — no
+//!   database, no HTTP, no decoding. Its throughput and latency are what the broker alone gives
+//!   on this machine right now.
+//! - The database chain ([`Chain::start_with_databases`]) adds what the attainable bound with a
+//!   database in the loop costs: before every publish (the first included, as an order is
+//!   stored before its first event), one transaction on the hop's own SQLite database for the
+//!   batch — an inbox row and an outbox row per message, committed with the services'
+//!   durability — through the same store as the services.
+//!
+//! The system's figures are reported as ratios to both.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use orderflow_contracts::names::headers;
+use orderflow_store::{Db, StoreError, now_micros, row};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
 use crate::{MessagingError, Nats};
@@ -23,6 +34,10 @@ pub struct Observed {
     pub subject: String,
     /// Its payload.
     pub payload: Bytes,
+    /// When its producer made the event (CloudEvents `time`), when it says.
+    pub event_time: Option<OffsetDateTime>,
+    /// When JetStream stored it.
+    pub stored: Option<OffsetDateTime>,
 }
 
 /// Every new message on `subjects` of `stream` from now on, in stream order, through an
@@ -50,9 +65,18 @@ pub async fn observe(
         .await
         .map_err(|e| MessagingError::js("observe", e))?;
     Ok(messages.filter_map(|m| async move {
-        m.ok().map(|m| Observed {
-            subject: m.subject.to_string(),
-            payload: m.payload.clone(),
+        m.ok().map(|m| {
+            let event_time = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::CE_TIME))
+                .and_then(|t| OffsetDateTime::parse(t.as_str(), &Rfc3339).ok());
+            Observed {
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+                event_time,
+                stored: m.info().ok().map(|i| i.published),
+            }
         })
     }))
 }
@@ -85,18 +109,47 @@ pub async fn backlog(nats: &Nats, streams: &[&str]) -> Result<u64, MessagingErro
 /// The baseline chain's stream.
 pub const CHAIN_STREAM: &str = "BENCH_CHAIN";
 
-/// A raw JetStream chain of `hops` publishes: publish → pull-consume → publish → … .
+/// A JetStream chain of `hops` publishes: publish → pull-consume → publish → … , raw or with a
+/// database transaction before every publish.
 #[derive(Debug)]
 pub struct Chain {
     nats: Nats,
     hops: usize,
     stop: CancellationToken,
+    /// The database of the first hop (the sender), for the database chain.
+    first: Option<Db>,
 }
+
+/// The tables of a database-chain hop: the services' own inbox and outbox.
+const CHAIN_MIGRATIONS: &[orderflow_store::Migration] = crate::MIGRATIONS;
 
 impl Chain {
     /// Creates (afresh) the chain's stream and starts `hops - 1` relaying workers, each with
     /// `workers` pullers, like the services' runners.
     pub async fn start(nats: &Nats, hops: usize, workers: usize) -> Result<Self, MessagingError> {
+        Self::start_inner(nats, hops, workers, Vec::new()).await
+    }
+
+    /// Like [`Chain::start`], with one database per hop (`dbs[0]` the sender's, then one per
+    /// relaying hop, `hops` in all): before each publish the hop commits an inbox row (for
+    /// a consumed message) and an outbox row per message of its batch in one transaction.
+    pub async fn start_with_databases(
+        nats: &Nats,
+        workers: usize,
+        dbs: Vec<Db>,
+    ) -> Result<Self, MessagingError> {
+        for db in &dbs {
+            orderflow_store::migrate(db, "bench-chain", CHAIN_MIGRATIONS).await?;
+        }
+        Self::start_inner(nats, dbs.len(), workers, dbs).await
+    }
+
+    async fn start_inner(
+        nats: &Nats,
+        hops: usize,
+        workers: usize,
+        dbs: Vec<Db>,
+    ) -> Result<Self, MessagingError> {
         let js = nats.jetstream();
         let _ = js.delete_stream(CHAIN_STREAM).await;
         js.create_stream(jetstream::stream::Config {
@@ -123,18 +176,29 @@ impl Chain {
                 .await
                 .map_err(|e| MessagingError::js("create chain consumer", e))?;
             for _ in 0..workers.max(1) {
-                tokio::spawn(relay_hop(js.clone(), consumer.clone(), hop, stop.clone()));
+                tokio::spawn(relay_hop(
+                    js.clone(),
+                    consumer.clone(),
+                    hop,
+                    dbs.get(hop).cloned(),
+                    stop.clone(),
+                ));
             }
         }
         Ok(Self {
             nats: nats.clone(),
             hops,
             stop,
+            first: dbs.first().cloned(),
         })
     }
 
-    /// Sends one message into the chain (awaits the publish ack).
+    /// Sends one message into the chain (awaits the publish ack); on the database chain, after
+    /// committing its outbox row.
     pub async fn send(&self, id: &str, payload: Bytes) -> Result<(), MessagingError> {
+        if let Some(db) = &self.first {
+            commit_hop(db, 0, &[], &[id.to_owned()]).await?;
+        }
         let ack = self
             .nats
             .jetstream()
@@ -163,10 +227,42 @@ impl Chain {
     }
 }
 
+/// One hop's transaction: an inbox row per consumed message id, an outbox row per message to
+/// publish, committed together.
+async fn commit_hop(
+    db: &Db,
+    hop: usize,
+    consumed: &[String],
+    published: &[String],
+) -> Result<(), StoreError> {
+    let consumer = format!("hop{hop}");
+    let (consumed, published) = (consumed.to_vec(), published.to_vec());
+    db.write(move |tx| {
+        let now = now_micros();
+        tx.execute_each(
+            "INSERT INTO inbox (consumer, event_id, processed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+            consumed
+                .iter()
+                .map(|id| row![consumer.as_str(), id.as_str(), now]),
+        )?;
+        tx.execute_each(
+            "INSERT INTO outbox (event_id, subject, headers, payload, created_at) \
+             VALUES ($1, $2, '[]', '', $3)",
+            published
+                .iter()
+                .map(|id| row![id.as_str(), consumer.as_str(), now]),
+        )?;
+        Ok(())
+    })
+    .await
+}
+
 async fn relay_hop(
     js: jetstream::Context,
     consumer: jetstream::consumer::PullConsumer,
     hop: usize,
+    db: Option<Db>,
     stop: CancellationToken,
 ) {
     use futures::FutureExt;
@@ -193,14 +289,25 @@ async fn relay_hop(
                 _ => break,
             }
         }
+        let ids: Vec<String> = batch
+            .iter()
+            .map(|m| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(headers::NATS_MSG_ID))
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let next_ids: Vec<String> = ids.iter().map(|id| format!("{id}.{hop}")).collect();
+        if let Some(db) = &db
+            && let Err(e) = commit_hop(db, hop, &ids, &next_ids).await
+        {
+            tracing::warn!(error = %e, "database chain: hop transaction failed");
+            continue;
+        }
         let mut acks = Vec::with_capacity(batch.len());
-        for m in &batch {
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(orderflow_contracts::names::headers::NATS_MSG_ID))
-                .map(|v| format!("{}.{hop}", v.as_str()))
-                .unwrap_or_default();
+        for (m, id) in batch.iter().zip(next_ids) {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(m.payload.clone())
                 .message_id(id);

@@ -1,10 +1,11 @@
 //! What the payment service does with the events it consumes.
 //!
 //! - `inventory.reserved` ([`ChargeHandler`]): charge the order's total at the provider —
-//!   outside the transaction, in [`Handler::prepare`] — then, inside it, record the payment and
-//!   publish `payments.completed` or `payments.failed`. A batch of messages is applied with a
-//!   constant number of statements ([`Handler::handle_batch`]); one message alone is a batch
-//!   of one, so the rules exist once.
+//!   outside the transaction, in [`Handler::prepare`], the batch's messages concurrently after
+//!   one read of which of their orders have a payment already — then, inside it, record the
+//!   payment and publish `payments.completed` or `payments.failed`. A batch of messages is
+//!   applied with a constant number of statement groups ([`Handler::handle_batch`]); one
+//!   message alone is a batch of one, so the rules exist once.
 //! - `orders.cancelled` ([`CancelHandler`]): record a tombstone so the order is never charged,
 //!   or mark a completed payment for refund. No IO: the [`crate::reconciler`] refunds.
 //!
@@ -15,17 +16,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::join_all;
 use orderflow_contracts::events::{
     OrderCancelled, PaymentCompleted, PaymentFailed, PaymentFailureReason, StockReserved,
 };
 use orderflow_contracts::{EventMeta, OrderId, PaymentId};
-use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, RetryPolicy, Work};
-use orderflow_store::{Db, StoreError};
+use orderflow_messaging::{Handler, HandlerError, Incoming, RetryPolicy, Work, nothing_to_prepare};
+use orderflow_store::{Db, StoreError, Tx};
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::domain::{self, Attempt, AttemptEffect, CancelEffect, Deadline, PaymentStatus};
 use crate::provider::{ChargeReply, ChargeRequest, Provider, ProviderError};
-use crate::store::{self, CancelledCharge, Flag, NewPayment, RecordedLookup};
+use crate::store::{self, CancelledCharge, Flag, NewPayment};
 
 /// Charge outcomes, by `outcome` (`completed`, `declined`, `unavailable`).
 pub const CHARGES_TOTAL: &str = "orderflow_payment_charges_total";
@@ -52,7 +55,7 @@ orderflow_contracts::inbound! {
 /// impossible then fails with reason `unavailable`.
 #[derive(Debug, Clone)]
 pub struct ChargeHandler {
-    recorded: RecordedLookup,
+    db: Db,
     provider: Provider,
     payment_deadline: Duration,
     retry: RetryPolicy,
@@ -62,10 +65,49 @@ impl ChargeHandler {
     /// A handler charging through `provider`, giving up `payment_deadline` after reservation.
     pub fn new(db: Db, provider: Provider, payment_deadline: Duration) -> Self {
         Self {
-            recorded: RecordedLookup::new(db),
+            db,
             provider,
             payment_deadline,
             retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Charges one message's order, unless a payment is `recorded` for it already.
+    async fn charge(
+        &self,
+        msg: &Incoming<InventoryEvent>,
+        recorded: bool,
+    ) -> Result<Attempt, HandlerError> {
+        // A redelivery, a duplicate or a cancelled order: never charge twice, or at all.
+        if recorded {
+            return Ok(Attempt::AlreadyRecorded {
+                redelivered: msg.delivered > 1,
+            });
+        }
+        let event = reservation(msg);
+        let deadline = Deadline::new(msg.meta.time, self.payment_deadline);
+        let order_id = event.order_id.to_string();
+        let request = ChargeRequest {
+            idempotency_key: &order_id,
+            amount: event.total,
+            payment_method: &event.payment_method,
+            customer_id: &event.customer_id,
+            reference: &order_id,
+        };
+        match self.provider.charge(&request).await {
+            Ok(ChargeReply::Succeeded { charge_id }) => Ok(Attempt::Charged { charge_id }),
+            Ok(ChargeReply::Declined { reason }) => Ok(Attempt::Declined {
+                detail: domain::detail(&reason),
+            }),
+            Err(ProviderError::Refused(refused)) => {
+                self.wait_or_give_up(&deadline, refused.retry_after, refused.into())
+            }
+            Err(e @ ProviderError::Unavailable(_)) => {
+                self.wait_or_give_up(&deadline, self.retry.delay(msg.delivered), e)
+            }
+            // 409 (the key was used with a different request), 422…: retrying the same request
+            // cannot help. Dead-lettered for an operator; the order's saga deadline cancels it.
+            Err(e @ ProviderError::Rejected { .. }) => Err(HandlerError::permanent(e)),
         }
     }
 
@@ -105,72 +147,62 @@ impl Handler for ChargeHandler {
     type Input = InventoryEvent;
     type Prepared = Attempt;
 
-    async fn prepare(&self, msg: &Incoming<InventoryEvent>) -> Result<Attempt, HandlerError> {
-        let event = reservation(msg);
-        // A redelivery, a duplicate or a cancelled order: never charge twice, or at all. The
-        // messages of a batch, prepared together, share one lookup.
-        let recorded = self.recorded.is_recorded(event.order_id).await;
-        if recorded.map_err(lookup_failed)? {
-            return Ok(Attempt::AlreadyRecorded {
-                redelivered: msg.delivered > 1,
-            });
-        }
-        let deadline = Deadline::new(msg.meta.time, self.payment_deadline);
-        let order_id = event.order_id.to_string();
-        let request = ChargeRequest {
-            idempotency_key: &order_id,
-            amount: event.total,
-            payment_method: &event.payment_method,
-            customer_id: &event.customer_id,
-            reference: &order_id,
+    /// One read for the batch — which of its orders have a payment already — then the others
+    /// charged at the provider concurrently (the provider client bounds how many requests are
+    /// in flight).
+    async fn prepare(
+        &self,
+        batch: &[Incoming<InventoryEvent>],
+    ) -> Vec<Result<Attempt, HandlerError>> {
+        let orders: Vec<OrderId> = batch.iter().map(|msg| reservation(msg).order_id).collect();
+        let recorded = match store::recorded(&self.db, orders).await {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                let e = Arc::new(e);
+                return batch.iter().map(|_| Err(lookup_failed(&e))).collect();
+            }
         };
-        match self.provider.charge(&request).await {
-            Ok(ChargeReply::Succeeded { charge_id }) => Ok(Attempt::Charged { charge_id }),
-            Ok(ChargeReply::Declined { reason }) => Ok(Attempt::Declined {
-                detail: domain::detail(&reason),
-            }),
-            Err(ProviderError::Refused(refused)) => {
-                self.wait_or_give_up(&deadline, refused.retry_after, refused.into())
-            }
-            Err(e @ ProviderError::Unavailable(_)) => {
-                self.wait_or_give_up(&deadline, self.retry.delay(msg.delivered), e)
-            }
-            // 409 (the key was used with a different request), 422…: retrying the same request
-            // cannot help. Dead-lettered for an operator; the order's saga deadline cancels it.
-            Err(e @ ProviderError::Rejected { .. }) => Err(HandlerError::permanent(e)),
-        }
+        join_all(batch.iter().map(|msg| {
+            let order_id = reservation(msg).order_id;
+            let span = tracing::info_span!(
+                "charge",
+                %order_id,
+                event_id = %msg.meta.id,
+                delivered = msg.delivered
+            );
+            self.charge(msg, recorded.contains(&order_id))
+                .instrument(span)
+        }))
+        .await
     }
 
-    /// One message: [`ChargeHandler::handle_batch`]'s rules applied to a batch of one.
-    async fn handle(
+    /// The batch with a constant number of statement groups: one read of its orders' payments,
+    /// then one statement per kind of change (see [`apply`]).
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<InventoryEvent>,
-        attempt: Attempt,
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<InventoryEvent>, &Attempt)],
     ) -> Result<(), HandlerError> {
-        let one = [(msg, attempt)];
-        // Twice at most: a payment another worker or replica recorded or changed between the
-        // read and the write is read again. One message writes one statement at most, so a
-        // write that did not take left nothing behind (and emitted nothing).
-        for _ in 0..2 {
-            if let Applied::Done = apply(&mut work.batch(), &one).await? {
-                return Ok(());
-            }
+        // A message alone (the runner's fallback) writes one statement at most, so a write
+        // that did not take left nothing behind (and emitted nothing): a payment another
+        // worker or replica recorded or changed between the read and the write is read again,
+        // in the same transaction — twice at most. A larger batch may have written for other
+        // orders already: it fails, and the runner rolls it back and applies its messages one
+        // by one.
+        // PostgreSQL: the payments this batch may update, locked in key order, so two replicas
+        // with overlapping batches wait for each other instead of deadlocking.
+        let orders: Vec<String> = batch
+            .iter()
+            .map(|(msg, _)| reservation(msg).order_id.to_string())
+            .collect();
+        work.tx()
+            .lock_in_key_order("payments", "order_id", &orders)?;
+        let mut applied = apply(work, batch)?;
+        if batch.len() == 1 && matches!(applied, Applied::Raced(_)) {
+            applied = apply(work, batch)?;
         }
-        Err(changed_concurrently(reservation(msg).order_id))
-    }
-
-    /// The batch with a constant number of statements: one read of its orders' payments, then
-    /// one statement per kind of change (see [`apply`]).
-    async fn handle_batch(
-        &self,
-        work: &mut BatchWork<'_>,
-        batch: &[(&Incoming<InventoryEvent>, Attempt)],
-    ) -> Result<(), HandlerError> {
-        match apply(work, batch).await? {
+        match applied {
             Applied::Done => Ok(()),
-            // The runner rolls the batch back and applies its messages one by one, each
-            // reading its payment again.
             Applied::Raced(order_id) => Err(changed_concurrently(order_id)),
         }
     }
@@ -181,13 +213,13 @@ fn reservation(msg: &Incoming<InventoryEvent>) -> &StockReserved {
     event
 }
 
-/// A failed lookup, shared by the lookups of one query: transient when the database may
+/// The batch's failed lookup, for each of its messages: transient when the database may
 /// answer later, as for any store error.
-fn lookup_failed(e: Arc<StoreError>) -> HandlerError {
+fn lookup_failed(e: &Arc<StoreError>) -> HandlerError {
     if e.is_transient() {
-        HandlerError::transient(e)
+        HandlerError::transient(Arc::clone(e))
     } else {
-        HandlerError::permanent(e)
+        HandlerError::permanent(Arc::clone(e))
     }
 }
 
@@ -203,7 +235,7 @@ enum Outcome {
 
 impl Outcome {
     /// Emits the event, caused by `cause`, and counts and logs the payment's outcome.
-    fn emit(&self, work: &mut BatchWork<'_>, cause: &EventMeta) {
+    fn emit(&self, work: &mut Work<'_, '_>, cause: &EventMeta) {
         match self {
             Self::Completed(e) => {
                 work.emit(cause, e);
@@ -230,13 +262,13 @@ enum Applied {
 }
 
 /// Applies charge attempts in the transaction as if one after the other, with one read and at
-/// most one statement per kind of change, however many they are (up to
-/// [`store::ROWS_PER_STATEMENT`]): reads the payments of their orders, decides each attempt
-/// with [`domain::on_attempt`] on what the attempts before it left (a second message about an
-/// order finds the payment the first recorded), then writes, then emits the events.
-async fn apply(
-    work: &mut BatchWork<'_>,
-    batch: &[(&Incoming<InventoryEvent>, Attempt)],
+/// most one statement group per kind of change, however many they are: reads the payments of
+/// their orders, decides each attempt with [`domain::on_attempt`] on what the attempts before
+/// it left (a second message about an order finds the payment the first recorded), then
+/// writes, then emits the events.
+fn apply(
+    work: &mut Work<'_, '_>,
+    batch: &[(&Incoming<InventoryEvent>, &Attempt)],
 ) -> Result<Applied, HandlerError> {
     if batch.is_empty() {
         return Ok(Applied::Done);
@@ -245,9 +277,9 @@ async fn apply(
         .iter()
         .map(|(msg, _)| reservation(msg).order_id)
         .collect();
-    let mut payments = store::statuses(work.conn(), &orders).await?;
+    let mut payments = store::statuses(work.tx(), &orders)?;
     let mut plan = Plan::default();
-    for (msg, attempt) in batch {
+    for &(msg, attempt) in batch {
         let order_id = reservation(msg).order_id;
         let recorded = payments.get(&order_id).copied();
         let effect = domain::on_attempt(recorded, attempt);
@@ -256,7 +288,7 @@ async fn apply(
             payments.insert(order_id, status);
         }
     }
-    plan.write(work).await
+    plan.write(work)
 }
 
 /// The changes decided for a batch, by kind, and the events they publish.
@@ -311,14 +343,14 @@ impl<'a> Plan<'a> {
     /// New payments, then flags, then charges of cancelled orders: the order in which any
     /// sequence of attempts on one order asks for them (a flag follows a recorded failure or
     /// precedes the refund of the tombstone it flags; nothing follows a refund).
-    async fn write(self, work: &mut BatchWork<'_>) -> Result<Applied, HandlerError> {
-        let conn = work.conn();
-        let recorded = store::insert(conn, &self.new).await?;
+    fn write(self, work: &mut Work<'_, '_>) -> Result<Applied, HandlerError> {
+        let tx = work.tx();
+        let recorded = store::insert(tx, &self.new)?;
         if let Some(p) = self.new.iter().find(|p| !recorded.contains(&p.order_id)) {
             return Ok(Applied::Raced(p.order_id));
         }
-        store::flag_for_reconciliation(conn, &self.flags).await?;
-        let refunded = store::charge_cancelled(conn, &self.refunds).await?;
+        store::flag_for_reconciliation(tx, &self.flags)?;
+        let refunded = store::charge_cancelled(tx, &self.refunds)?;
         if let Some(c) = self
             .refunds
             .iter()
@@ -413,54 +445,73 @@ impl Handler for CancelHandler {
     type Input = OrderEvent;
     type Prepared = ();
 
-    async fn prepare(&self, _: &Incoming<OrderEvent>) -> Result<(), HandlerError> {
-        Ok(())
+    async fn prepare(&self, batch: &[Incoming<OrderEvent>]) -> Vec<Result<(), HandlerError>> {
+        nothing_to_prepare(batch)
     }
 
-    async fn handle(
+    /// Each message in turn, as if applied one by one: a second cancellation of an order finds
+    /// what the first left.
+    fn handle_batch(
         &self,
-        work: &mut Work<'_>,
-        msg: &Incoming<OrderEvent>,
-        (): (),
+        work: &mut Work<'_, '_>,
+        batch: &[(&Incoming<OrderEvent>, &())],
     ) -> Result<(), HandlerError> {
-        let OrderEvent::Cancelled(event) = &msg.event;
-        let order_id = event.order_id;
-        let mut recorded = store::status(work.conn(), order_id).await?;
-        // Twice at most: a payment another worker or replica recorded or changed meanwhile is
-        // read again.
-        for _ in 0..2 {
-            match domain::on_cancel(recorded) {
-                CancelEffect::Nothing => {
-                    tracing::info!(
-                        status = recorded.map_or("none", PaymentStatus::as_str),
-                        "order cancelled; nothing to undo"
-                    );
-                    return Ok(());
-                }
-                CancelEffect::Tombstone => {
-                    if tombstone(work, msg, order_id).await? {
-                        tracing::info!("order cancelled before payment; it will not be charged");
-                        return Ok(());
-                    }
-                }
-                CancelEffect::Refund => {
-                    if store::mark_refund_pending(work.conn(), order_id, msg.meta.id).await? {
-                        tracing::info!("paid order cancelled; refund scheduled");
-                        return Ok(());
-                    }
-                }
-            }
-            recorded = store::status(work.conn(), order_id).await?;
+        let orders: Vec<String> = batch
+            .iter()
+            .map(|(msg, ())| {
+                let OrderEvent::Cancelled(event) = &msg.event;
+                event.order_id.to_string()
+            })
+            .collect();
+        work.tx()
+            .lock_in_key_order("payments", "order_id", &orders)?;
+        for &(msg, ()) in batch {
+            cancel(work, msg)?;
         }
-        Err(changed_concurrently(order_id))
+        Ok(())
     }
 }
 
-async fn tombstone(
-    work: &mut Work<'_>,
+/// One cancellation: a tombstone, a refund to make, or nothing.
+fn cancel(work: &mut Work<'_, '_>, msg: &Incoming<OrderEvent>) -> Result<(), HandlerError> {
+    let OrderEvent::Cancelled(event) = &msg.event;
+    let order_id = event.order_id;
+    let mut recorded = store::status(work.tx(), order_id)?;
+    // Twice at most: a payment another worker or replica recorded or changed meanwhile is read
+    // again. One statement writes at most, so a write that did not take left nothing behind.
+    for _ in 0..2 {
+        match domain::on_cancel(recorded) {
+            CancelEffect::Nothing => {
+                tracing::info!(
+                    %order_id,
+                    status = recorded.map_or("none", PaymentStatus::as_str),
+                    "order cancelled; nothing to undo"
+                );
+                return Ok(());
+            }
+            CancelEffect::Tombstone => {
+                if tombstone(work.tx(), msg, order_id)? {
+                    tracing::info!(%order_id, "order cancelled before payment; it will not be charged");
+                    return Ok(());
+                }
+            }
+            CancelEffect::Refund => {
+                if store::mark_refund_pending(work.tx(), order_id, msg.meta.id)? {
+                    tracing::info!(%order_id, "paid order cancelled; refund scheduled");
+                    return Ok(());
+                }
+            }
+        }
+        recorded = store::status(work.tx(), order_id)?;
+    }
+    Err(changed_concurrently(order_id))
+}
+
+fn tombstone(
+    tx: &mut Tx<'_>,
     msg: &Incoming<OrderEvent>,
     order_id: OrderId,
-) -> Result<bool, HandlerError> {
+) -> Result<bool, StoreError> {
     let payment = NewPayment {
         order_id,
         payment_id: None,
@@ -473,5 +524,5 @@ async fn tombstone(
         correlation_id: msg.meta.correlation_id,
         causation_id: msg.meta.id,
     };
-    Ok(!store::insert(work.conn(), &[payment]).await?.is_empty())
+    Ok(!store::insert(tx, &[payment])?.is_empty())
 }

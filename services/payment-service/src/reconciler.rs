@@ -3,8 +3,8 @@
 //! Every `--reconcile-interval` it takes the payments it has work for:
 //!
 //! - **`refund_pending`** (paid, then the order was cancelled): refund the charge at the
-//!   provider (idempotency key `refund-<order id>`), then in one transaction mark the payment
-//!   `refunded` and stage `payments.refunded` in the outbox.
+//!   provider (idempotency key `refund-<order id>`), then in one unit of work mark the payment
+//!   `refunded` and emit `payments.refunded` through the outbox.
 //! - **flagged for reconciliation** (the payment gave up as `unavailable` after requests that
 //!   may have reached the provider, or a charge raced a cancellation while the provider was
 //!   unreachable): look the order up at the provider (`GET /v1/charges?reference=<order id>`);
@@ -186,22 +186,27 @@ impl Reconciler {
             payment.correlation_id,
             Some(payment.causation_id),
         );
-        let mut tx = self.db.begin().await?;
-        let marked = store::mark_refunded(
-            &mut tx,
-            order_id,
-            payment_id,
-            &charge_id,
-            reply.refund_id.as_deref(),
-        )
-        .await?;
+        let (charge, refund_id) = (charge_id.clone(), reply.refund_id.clone());
+        let marked = self
+            .outbox
+            .write(move |work| {
+                let marked = store::mark_refunded(
+                    work.tx(),
+                    order_id,
+                    payment_id,
+                    &charge,
+                    refund_id.as_deref(),
+                )?;
+                if marked {
+                    work.emit_with(&meta, &event);
+                }
+                Ok::<_, StoreError>(marked)
+            })
+            .await?;
         if !marked {
             // Refunded by another replica's reconciler meanwhile: it published the event.
             return Ok(Step::Waiting);
         }
-        self.outbox.stage(&mut tx, &meta, &event).await?;
-        tx.commit().await?;
-        self.outbox.wake();
         let reason = if payment.status == PaymentStatus::RefundPending {
             "order_cancelled"
         } else {

@@ -4,19 +4,18 @@
 //! inserts are `ON CONFLICT DO NOTHING` and report which rows they wrote, updates name the
 //! state they expect in their `WHERE` and report where it still held.
 //!
-//! The charging consumer reads and writes the payments of a whole batch of messages at once:
-//! one statement per kind of change, whatever the number of orders (up to
-//! [`ROWS_PER_STATEMENT`] each), since every statement costs a round trip to the database.
+//! The functions on a [`Tx`] run inside a unit of work, on the database thread; those on a
+//! [`Db`] (the API's and the reconciler's reads and writes outside one) hand it a unit of their
+//! own. The charging consumer reads and writes the payments of a whole batch of messages at
+//! once: one statement per kind of change, run for every row it applies to (`*_each`: a loop on
+//! SQLite's thread, one pipelined round trip on PostgreSQL), whatever the number of orders.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use orderflow_contracts::{CorrelationId, Currency, EventId, Money, OrderId, PaymentId};
-use orderflow_store::{AssertSqlSafe, Db, StoreError, from_micros, now_micros, placeholders};
+use orderflow_store::{Db, Row, StoreError, Tx, Value, from_micros, now_micros, params, row};
 use serde::Serialize;
-use sqlx::{AnyConnection, Row};
 use time::OffsetDateTime;
-use tokio::sync::OnceCell;
 
 use crate::domain::PaymentStatus;
 
@@ -64,18 +63,19 @@ const COLUMNS: &str = "order_id, payment_id, status, amount_minor, currency, pro
      failure_reason, detail, refund_id, needs_reconciliation, flagged_at, last_error, \
      correlation_id, causation_id, created_at, updated_at";
 
-fn corrupt(column: &str, value: &str) -> sqlx::Error {
-    sqlx::Error::Decode(format!("payments.{column} holds an invalid value {value:?}").into())
+fn corrupt(column: &str, value: &str) -> StoreError {
+    StoreError::Decode(format!(
+        "payments.{column} holds an invalid value {value:?}"
+    ))
 }
 
-fn payment(row: &sqlx::any::AnyRow) -> Result<Payment, sqlx::Error> {
-    let order_id: String = row.try_get("order_id")?;
-    let status: String = row.try_get("status")?;
-    let correlation_id: String = row.try_get("correlation_id")?;
-    let causation_id: String = row.try_get("causation_id")?;
-    let payment_id: Option<String> = row.try_get("payment_id")?;
-    let amount_minor: Option<i64> = row.try_get("amount_minor")?;
-    let currency: Option<String> = row.try_get("currency")?;
+/// A payment from a row of [`COLUMNS`], read by position.
+fn payment(row: &Row<'_>) -> Result<Payment, StoreError> {
+    let order_id: String = row.get(0)?;
+    let payment_id: Option<String> = row.get(1)?;
+    let status: String = row.get(2)?;
+    let amount_minor: Option<i64> = row.get(3)?;
+    let currency: Option<String> = row.get(4)?;
     let amount = match (amount_minor, currency) {
         (Some(a), Some(c)) => Some(
             Currency::parse(&c)
@@ -84,7 +84,9 @@ fn payment(row: &sqlx::any::AnyRow) -> Result<Payment, sqlx::Error> {
         ),
         _ => None,
     };
-    let flagged_at: Option<i64> = row.try_get("flagged_at")?;
+    let flagged_at: Option<i64> = row.get(10)?;
+    let correlation_id: String = row.get(12)?;
+    let causation_id: String = row.get(13)?;
     Ok(Payment {
         order_id: order_id
             .parse()
@@ -92,14 +94,14 @@ fn payment(row: &sqlx::any::AnyRow) -> Result<Payment, sqlx::Error> {
         payment_id: payment_id
             .map(|p| p.parse().map_err(|_| corrupt("payment_id", &p)))
             .transpose()?,
-        status: PaymentStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?,
+        status: parse_status(&status)?,
         amount,
-        provider_charge_id: row.try_get("provider_charge_id")?,
-        failure_reason: row.try_get("failure_reason")?,
-        detail: row.try_get("detail")?,
-        refund_id: row.try_get("refund_id")?,
-        needs_reconciliation: row.try_get::<i64, _>("needs_reconciliation")? != 0,
-        last_error: row.try_get("last_error")?,
+        provider_charge_id: row.get(5)?,
+        failure_reason: row.get(6)?,
+        detail: row.get(7)?,
+        refund_id: row.get(8)?,
+        needs_reconciliation: row.get(9)?,
+        last_error: row.get(11)?,
         correlation_id: correlation_id
             .parse()
             .map_err(|_| corrupt("correlation_id", &correlation_id))?,
@@ -107,179 +109,62 @@ fn payment(row: &sqlx::any::AnyRow) -> Result<Payment, sqlx::Error> {
             .parse()
             .map_err(|_| corrupt("causation_id", &causation_id))?,
         flagged_at: flagged_at.map(from_micros),
-        created_at: from_micros(row.try_get("created_at")?),
-        updated_at: from_micros(row.try_get("updated_at")?),
+        created_at: from_micros(row.get(14)?),
+        updated_at: from_micros(row.get(15)?),
     })
+}
+
+fn parse_status(status: &str) -> Result<PaymentStatus, StoreError> {
+    PaymentStatus::parse(status).ok_or_else(|| corrupt("status", status))
 }
 
 /// One order's payment.
 pub async fn get(db: &Db, order_id: OrderId) -> Result<Option<Payment>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM payments WHERE order_id = $1");
-    let row = sqlx::query(AssertSqlSafe(sql))
-        .bind(order_id.to_string())
-        .fetch_optional(db.reader())
-        .await?;
-    Ok(row.as_ref().map(payment).transpose()?)
-}
-
-/// Rows one statement reads or writes at most; a larger batch takes a statement per this many.
-/// Far below both databases' parameter limits (a new payment binds 12).
-pub const ROWS_PER_STATEMENT: usize = 256;
-
-/// `(…), (…)`: `rows` tuples of `width` numbered placeholders from `$first` on, each tuple
-/// ending with `tail` (placeholders the rows share).
-fn tuples(rows: usize, first: usize, width: usize, tail: &str) -> String {
-    (0..rows)
-        .map(|i| format!("({}{tail})", placeholders(first + i * width, width)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `$first, $first+width, …`: the order id of each of `rows` rows of `width` parameters whose
-/// first parameter is the order id.
-fn order_ids(rows: usize, first: usize, width: usize) -> String {
-    (0..rows)
-        .map(|i| format!("${}", first + i * width))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `CASE order_id WHEN … THEN … END`: the value at `offset` in the row of the order being
-/// updated (rows laid out as for [`order_ids`]). For an order in several rows, the first wins.
-fn per_order(rows: usize, first: usize, width: usize, offset: usize) -> String {
-    let whens: Vec<String> = (0..rows)
-        .map(|i| {
-            let row = first + i * width;
-            format!("WHEN ${row} THEN ${}", row + offset)
-        })
-        .collect();
-    format!("CASE order_id {} END", whens.join(" "))
-}
-
-fn order_id(value: &str) -> Result<OrderId, sqlx::Error> {
-    value.parse().map_err(|_| corrupt("order_id", value))
+    db.read(move |tx| {
+        tx.query_opt(
+            &format!("SELECT {COLUMNS} FROM payments WHERE order_id = $1"),
+            params![order_id.to_string()],
+            payment,
+        )
+    })
+    .await
 }
 
 /// The statuses of the payments recorded for `order_ids` (an order without one is absent).
-pub async fn statuses(
-    conn: &mut AnyConnection,
+pub fn statuses(
+    tx: &mut Tx<'_>,
     order_ids: &[OrderId],
 ) -> Result<HashMap<OrderId, PaymentStatus>, StoreError> {
     let mut unique = order_ids.to_vec();
     unique.sort_unstable();
     unique.dedup();
-    let mut found = HashMap::with_capacity(unique.len());
-    for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "SELECT order_id, status FROM payments WHERE order_id IN ({})",
-            placeholders(1, chunk.len())
-        );
-        // Only generated placeholders are interpolated; every value is bound.
-        let mut query = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql));
-        for id in chunk {
-            query = query.bind(id.to_string());
-        }
-        for (order, status) in query.fetch_all(&mut *conn).await? {
-            let status = PaymentStatus::parse(&status).ok_or_else(|| corrupt("status", &status))?;
-            found.insert(order_id(&order)?, status);
+    let found = tx.query_each(
+        "SELECT status FROM payments WHERE order_id = $1",
+        unique.iter().map(|id| [Value::from(id.to_string())]),
+        |r| r.get::<String>(0),
+    )?;
+    let mut statuses = HashMap::with_capacity(unique.len());
+    for (order_id, rows) in unique.into_iter().zip(found) {
+        if let Some(status) = rows.first() {
+            statuses.insert(order_id, parse_status(status)?);
         }
     }
-    Ok(found)
+    Ok(statuses)
 }
 
 /// The status of the order's payment (`None`: nothing recorded).
-pub async fn status(
-    conn: &mut AnyConnection,
-    order_id: OrderId,
-) -> Result<Option<PaymentStatus>, StoreError> {
-    Ok(statuses(conn, &[order_id]).await?.remove(&order_id))
+pub fn status(tx: &mut Tx<'_>, order_id: OrderId) -> Result<Option<PaymentStatus>, StoreError> {
+    Ok(statuses(tx, &[order_id])?.remove(&order_id))
 }
 
-/// Answers "is a payment recorded for this order?" outside any transaction, for many callers
-/// with one query: the runner prepares the messages of a batch concurrently, and the lookups
-/// made while a query is being set up join it — one statement for the batch, not one each.
-#[derive(Debug, Clone)]
-pub struct RecordedLookup {
-    db: Db,
-    open: Arc<Mutex<Option<Arc<Round>>>>,
-}
-
-/// The lookups one query answers.
-#[derive(Debug, Default)]
-struct Round {
-    /// The orders asked about, and whether the query has taken them (a later lookup then
-    /// starts a new round).
-    orders: Mutex<(Vec<OrderId>, bool)>,
-    /// The orders among them that have a payment.
-    answer: OnceCell<Result<HashSet<OrderId>, Arc<StoreError>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock only means a panic elsewhere while holding it; the data stays plain.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Round {
-    /// Adds `order_id` to the round unless its query has taken the orders already.
-    fn join(&self, order_id: OrderId) -> bool {
-        let mut orders = lock(&self.orders);
-        let (ids, taken) = &mut *orders;
-        if !*taken {
-            ids.push(order_id);
-        }
-        !*taken
+/// The orders among `order_ids` that have a payment (of any status, a tombstone included),
+/// read outside any transaction in one unit of work.
+pub async fn recorded(db: &Db, order_ids: Vec<OrderId>) -> Result<HashSet<OrderId>, StoreError> {
+    if order_ids.is_empty() {
+        return Ok(HashSet::new());
     }
-
-    /// The orders to look up; no lookup joins the round afterwards.
-    fn close(&self) -> Vec<OrderId> {
-        let mut orders = lock(&self.orders);
-        orders.1 = true;
-        orders.0.clone()
-    }
-}
-
-impl RecordedLookup {
-    /// Lookups in `db`, on its reader connections.
-    pub fn new(db: Db) -> Self {
-        Self {
-            db,
-            open: Arc::default(),
-        }
-    }
-
-    /// Whether a payment (of any status, a tombstone included) is recorded for the order.
-    pub async fn is_recorded(&self, order_id: OrderId) -> Result<bool, Arc<StoreError>> {
-        let round = self.join(order_id);
-        // The first lookup to get here runs the query (another one of the round takes over if
-        // it is dropped); the others wait for its answer.
-        let answer = round.answer.get_or_init(|| self.query(&round)).await;
-        answer
-            .as_ref()
-            .map(|found| found.contains(&order_id))
-            .map_err(Arc::clone)
-    }
-
-    fn join(&self, order_id: OrderId) -> Arc<Round> {
-        let mut open = lock(&self.open);
-        if let Some(round) = open.as_ref().filter(|round| round.join(order_id)) {
-            return Arc::clone(round);
-        }
-        let round = Arc::new(Round::default());
-        round.join(order_id);
-        *open = Some(Arc::clone(&round));
-        round
-    }
-
-    async fn query(&self, round: &Round) -> Result<HashSet<OrderId>, Arc<StoreError>> {
-        // Let the batch's other lookups, polled right after this one, join the round.
-        tokio::task::yield_now().await;
-        let orders = round.close();
-        let found = async {
-            let mut conn = self.db.reader().acquire().await?;
-            statuses(&mut conn, &orders).await
-        };
-        Ok(found.await.map_err(Arc::new)?.into_keys().collect())
-    }
+    db.read(move |tx| Ok(statuses(tx, &order_ids)?.into_keys().collect()))
+        .await
 }
 
 /// A payment to record.
@@ -308,63 +193,59 @@ pub struct NewPayment<'a> {
 }
 
 /// Records payments for orders that have none. Returns the orders recorded: an order that has
-/// a payment already (another worker or replica got there first) keeps it.
-pub async fn insert(
-    conn: &mut AnyConnection,
+/// a payment already (another worker or replica got there first) keeps it. The payments
+/// recorded together share their creation time.
+pub fn insert(
+    tx: &mut Tx<'_>,
     payments: &[NewPayment<'_>],
 ) -> Result<HashSet<OrderId>, StoreError> {
-    const WIDTH: usize = 12;
     let now = now_micros();
-    let mut recorded = HashSet::with_capacity(payments.len());
-    for chunk in payments.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO payments (order_id, payment_id, status, amount_minor, currency, \
-             provider_charge_id, failure_reason, detail, needs_reconciliation, flagged_at, \
-             correlation_id, causation_id, created_at, updated_at) VALUES {} \
-             ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
-            tuples(chunk.len(), 2, WIDTH, ", $1, $1")
-        );
-        // Only generated placeholders are interpolated; every value is bound.
-        let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).bind(now);
-        for p in chunk {
-            query = query
-                .bind(p.order_id.to_string())
-                .bind(p.payment_id.map(|id| id.to_string()))
-                .bind(p.status.as_str())
-                .bind(p.amount.map(|a| a.amount_minor))
-                .bind(p.amount.map(|a| a.currency.as_str().to_owned()))
-                .bind(p.charge_id.map(str::to_owned))
-                .bind(p.failure_reason.map(str::to_owned))
-                .bind(p.detail.map(str::to_owned))
-                .bind(i64::from(p.needs_reconciliation))
-                .bind(p.needs_reconciliation.then_some(now))
-                .bind(p.correlation_id.to_string())
-                .bind(p.causation_id.to_string());
-        }
-        for order in query.fetch_all(&mut *conn).await? {
-            recorded.insert(order_id(&order)?);
-        }
-    }
-    Ok(recorded)
+    let inserted = tx.query_each(
+        "INSERT INTO payments (order_id, payment_id, status, amount_minor, currency, \
+         provider_charge_id, failure_reason, detail, needs_reconciliation, flagged_at, \
+         correlation_id, causation_id, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13) \
+         ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+        payments.iter().map(|p| {
+            row![
+                p.order_id.to_string(),
+                p.payment_id.map(|id| id.to_string()),
+                p.status.as_str(),
+                p.amount.map(|a| a.amount_minor),
+                p.amount.as_ref().map(|a| a.currency.as_str()),
+                p.charge_id,
+                p.failure_reason,
+                p.detail,
+                p.needs_reconciliation,
+                p.needs_reconciliation.then_some(now),
+                p.correlation_id.to_string(),
+                p.causation_id.to_string(),
+                now
+            ]
+        }),
+        |r| r.get::<String>(0),
+    )?;
+    Ok(payments
+        .iter()
+        .zip(inserted)
+        .filter(|(_, returned)| !returned.is_empty())
+        .map(|(p, _)| p.order_id)
+        .collect())
 }
 
 /// A completed payment whose order was cancelled: `completed` → `refund_pending`, caused by
 /// the cancellation. Returns whether the payment was still completed.
-pub async fn mark_refund_pending(
-    conn: &mut AnyConnection,
+pub fn mark_refund_pending(
+    tx: &mut Tx<'_>,
     order_id: OrderId,
     causation_id: EventId,
 ) -> Result<bool, StoreError> {
-    let result = sqlx::query(
+    let changed = tx.execute(
         "UPDATE payments SET status = 'refund_pending', causation_id = $2, updated_at = $3 \
          WHERE order_id = $1 AND status = 'completed'",
-    )
-    .bind(order_id.to_string())
-    .bind(causation_id.to_string())
-    .bind(now_micros())
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
+        params![order_id.to_string(), causation_id.to_string(), now_micros()],
+    )?;
+    Ok(changed == 1)
 }
 
 /// A charge made for an order that turned out to be cancelled (a tombstone).
@@ -383,39 +264,32 @@ pub struct CancelledCharge<'a> {
 /// Tombstones whose orders we charged anyway (the charge raced the cancellation):
 /// `cancelled` → `refund_pending` with the charge. Returns the orders that were still
 /// tombstones.
-pub async fn charge_cancelled(
-    conn: &mut AnyConnection,
+pub fn charge_cancelled(
+    tx: &mut Tx<'_>,
     charges: &[CancelledCharge<'_>],
 ) -> Result<HashSet<OrderId>, StoreError> {
-    const WIDTH: usize = 5;
-    let mut changed = HashSet::with_capacity(charges.len());
-    for chunk in charges.chunks(ROWS_PER_STATEMENT) {
-        let n = chunk.len();
-        let sql = format!(
-            "UPDATE payments SET status = 'refund_pending', payment_id = {}, amount_minor = {}, \
-             currency = {}, provider_charge_id = {}, updated_at = $1 \
-             WHERE status = 'cancelled' AND order_id IN ({}) RETURNING order_id",
-            per_order(n, 2, WIDTH, 1),
-            per_order(n, 2, WIDTH, 2),
-            per_order(n, 2, WIDTH, 3),
-            per_order(n, 2, WIDTH, 4),
-            order_ids(n, 2, WIDTH),
-        );
-        // Only generated placeholders are interpolated; every value is bound.
-        let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).bind(now_micros());
-        for c in chunk {
-            query = query
-                .bind(c.order_id.to_string())
-                .bind(c.payment_id.to_string())
-                .bind(c.amount.amount_minor)
-                .bind(c.amount.currency.as_str())
-                .bind(c.charge_id);
-        }
-        for order in query.fetch_all(&mut *conn).await? {
-            changed.insert(order_id(&order)?);
-        }
-    }
-    Ok(changed)
+    let now = now_micros();
+    let changed = tx.execute_each(
+        "UPDATE payments SET status = 'refund_pending', payment_id = $2, amount_minor = $3, \
+         currency = $4, provider_charge_id = $5, updated_at = $6 \
+         WHERE order_id = $1 AND status = 'cancelled'",
+        charges.iter().map(|c| {
+            row![
+                c.order_id.to_string(),
+                c.payment_id.to_string(),
+                c.amount.amount_minor,
+                c.amount.currency.as_str(),
+                c.charge_id,
+                now
+            ]
+        }),
+    )?;
+    Ok(charges
+        .iter()
+        .zip(changed)
+        .filter(|&(_, n)| n > 0)
+        .map(|(c, _)| c.order_id)
+        .collect())
 }
 
 /// A payment to flag for the reconciler, with what to fill in where the row has nothing.
@@ -432,34 +306,23 @@ pub struct Flag {
 /// Flags failed or cancelled payments for the reconciler (a charge may exist that their status
 /// does not account for), filling in the amount and payment id where a row has none (a
 /// tombstone). A payment that holds its charge already (completed, refunding) is left alone.
-pub async fn flag_for_reconciliation(
-    conn: &mut AnyConnection,
-    flags: &[Flag],
-) -> Result<(), StoreError> {
-    const WIDTH: usize = 4;
-    for chunk in flags.chunks(ROWS_PER_STATEMENT) {
-        let n = chunk.len();
-        let sql = format!(
-            "UPDATE payments SET needs_reconciliation = 1, flagged_at = $1, reconcile_after = 0, \
-             payment_id = COALESCE(payment_id, {}), amount_minor = COALESCE(amount_minor, {}), \
-             currency = COALESCE(currency, {}), updated_at = $1 \
-             WHERE status IN ('failed', 'cancelled') AND order_id IN ({})",
-            per_order(n, 2, WIDTH, 1),
-            per_order(n, 2, WIDTH, 2),
-            per_order(n, 2, WIDTH, 3),
-            order_ids(n, 2, WIDTH),
-        );
-        // Only generated placeholders are interpolated; every value is bound.
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now_micros());
-        for f in chunk {
-            query = query
-                .bind(f.order_id.to_string())
-                .bind(f.payment_id.to_string())
-                .bind(f.amount.amount_minor)
-                .bind(f.amount.currency.as_str());
-        }
-        query.execute(&mut *conn).await?;
-    }
+pub fn flag_for_reconciliation(tx: &mut Tx<'_>, flags: &[Flag]) -> Result<(), StoreError> {
+    let now = now_micros();
+    tx.execute_each(
+        "UPDATE payments SET needs_reconciliation = 1, flagged_at = $2, reconcile_after = 0, \
+         payment_id = COALESCE(payment_id, $3), amount_minor = COALESCE(amount_minor, $4), \
+         currency = COALESCE(currency, $5), updated_at = $2 \
+         WHERE order_id = $1 AND status IN ('failed', 'cancelled')",
+        flags.iter().map(|f| {
+            row![
+                f.order_id.to_string(),
+                now,
+                f.payment_id.to_string(),
+                f.amount.amount_minor,
+                f.amount.currency.as_str()
+            ]
+        }),
+    )?;
     Ok(())
 }
 
@@ -470,56 +333,60 @@ pub async fn to_reconcile(
     now: OffsetDateTime,
     limit: usize,
 ) -> Result<Vec<Payment>, StoreError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM payments \
-         WHERE (status = 'refund_pending' OR needs_reconciliation = 1) AND reconcile_after <= $1 \
-         ORDER BY reconcile_after, updated_at LIMIT $2"
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(orderflow_store::to_micros(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(db.reader())
-        .await?;
-    Ok(rows.iter().map(payment).collect::<Result<_, _>>()?)
+    let now = orderflow_store::to_micros(now);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    db.read(move |tx| {
+        tx.query(
+            &format!(
+                "SELECT {COLUMNS} FROM payments \
+                 WHERE (status = 'refund_pending' OR needs_reconciliation = 1) \
+                 AND reconcile_after <= $1 \
+                 ORDER BY reconcile_after, updated_at LIMIT $2"
+            ),
+            params![now, limit],
+            payment,
+        )
+    })
+    .await
 }
 
 /// Records a refund made by the reconciler: `refunded`, the charge and refund ids, the flag
 /// cleared. Only while the payment still waits for it (`refund_pending`, or flagged); returns
 /// whether it did, so a payment is marked refunded (and its event published) once.
-pub async fn mark_refunded(
-    conn: &mut AnyConnection,
+pub fn mark_refunded(
+    tx: &mut Tx<'_>,
     order_id: OrderId,
     payment_id: PaymentId,
     charge_id: &str,
     refund_id: Option<&str>,
 ) -> Result<bool, StoreError> {
-    let result = sqlx::query(
+    let changed = tx.execute(
         "UPDATE payments SET status = 'refunded', payment_id = COALESCE(payment_id, $2), \
          provider_charge_id = $3, refund_id = $4, needs_reconciliation = 0, last_error = NULL, \
          updated_at = $5 \
          WHERE order_id = $1 AND (status = 'refund_pending' OR needs_reconciliation = 1)",
-    )
-    .bind(order_id.to_string())
-    .bind(payment_id.to_string())
-    .bind(charge_id)
-    .bind(refund_id.map(str::to_owned))
-    .bind(now_micros())
-    .execute(conn)
-    .await?;
-    Ok(result.rows_affected() == 1)
+        params![
+            order_id.to_string(),
+            payment_id.to_string(),
+            charge_id,
+            refund_id,
+            now_micros()
+        ],
+    )?;
+    Ok(changed == 1)
 }
 
 /// The reconciler found nothing to refund for a flagged payment: clears the flag.
 pub async fn clear_flag(db: &Db, order_id: OrderId) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE payments SET needs_reconciliation = 0, last_error = NULL, updated_at = $2 \
-         WHERE order_id = $1",
-    )
-    .bind(order_id.to_string())
-    .bind(now_micros())
-    .execute(db.writer())
-    .await?;
-    Ok(())
+    db.write(move |tx| {
+        tx.execute(
+            "UPDATE payments SET needs_reconciliation = 0, last_error = NULL, updated_at = $2 \
+             WHERE order_id = $1",
+            params![order_id.to_string(), now_micros()],
+        )?;
+        Ok(())
+    })
+    .await
 }
 
 /// Holds a payment back from the reconciler until `until`, noting why when there is an error
@@ -530,11 +397,14 @@ pub async fn defer(
     until: OffsetDateTime,
     error: Option<&str>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE payments SET reconcile_after = $2, last_error = $3 WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .bind(orderflow_store::to_micros(until))
-        .bind(error.map(str::to_owned))
-        .execute(db.writer())
-        .await?;
-    Ok(())
+    let until = orderflow_store::to_micros(until);
+    let error = error.map(str::to_owned);
+    db.write(move |tx| {
+        tx.execute(
+            "UPDATE payments SET reconcile_after = $2, last_error = $3 WHERE order_id = $1",
+            params![order_id.to_string(), until, error],
+        )?;
+        Ok(())
+    })
+    .await
 }

@@ -1,27 +1,35 @@
 //! The charging handler's batch path against its one-message path, on every backend, on a real
-//! database: the same messages applied as one batch (`handle_batch`) and one by one (`handle`,
-//! one transaction each, as the runner's fallback does) leave the same payments and stage the
-//! same events — for every starting payment and every pair of attempts on one order in one
-//! batch, and for a batch larger than one statement's worth of rows.
+//! database: the same messages applied as one batch (`handle_batch`) and one by one (a batch of
+//! one each, in a unit of work of its own, as the runner's fallback does) leave the same
+//! payments and emit the same events — for every starting payment and every pair of attempts on
+//! one order in one batch, and for a batch larger than the runner's default.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
 use std::collections::HashMap;
+use std::sync::mpsc;
 
 use clap::Parser as _;
 use orderflow_contracts::events::{CancelReason, OrderCancelled, StockReserved};
 use orderflow_contracts::names::headers;
 use orderflow_contracts::{CorrelationId, Event, EventId, EventMeta, OrderId};
-use orderflow_messaging::{BatchWork, Handler, HandlerError, Incoming, Outbox, Work};
-use orderflow_store::{Db, DbOptions, Tx};
+use orderflow_messaging::{Handler, HandlerError, Incoming, OutboxRow, Work};
+use orderflow_store::{Db, DbOptions, StoreError};
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
 use payment_service::breaker::CircuitBreaker;
 use payment_service::domain::Attempt;
 use payment_service::handlers::{CancelHandler, ChargeHandler, InventoryEvent, OrderEvent};
 use payment_service::provider::Provider;
-use payment_service::store::{self, ROWS_PER_STATEMENT};
+use payment_service::store;
 use serde_json::Value;
+
+/// The CloudEvents source of what the handlers emit.
+const SOURCE: &str = "orderflow/payment-service";
+
+/// Fresh charges beyond the pairs of attempts: more than the runner's default batch (128), and
+/// more than a statement took rows before statements ran once per row.
+const MANY: usize = 256;
 
 /// Where an order's payment stands before the batch.
 #[derive(Debug, Clone, Copy)]
@@ -81,8 +89,8 @@ fn scenarios() -> Vec<Scenario> {
             }
         }
     }
-    // Enough fresh charges for the batch to need more than one statement of each kind.
-    for _ in 0..=ROWS_PER_STATEMENT {
+    // A large batch of fresh charges.
+    for _ in 0..=MANY {
         let n = out.len();
         out.push(Scenario {
             start: Start::Nothing,
@@ -103,12 +111,30 @@ fn message<E: Event, I>(event: E, wrap: impl FnOnce(E) -> I) -> Incoming<I> {
     }
 }
 
+type Charges = Vec<(Incoming<InventoryEvent>, Attempt)>;
+
 struct Setup {
     db: Db,
-    outbox: Outbox,
     charge: ChargeHandler,
     /// What each message is, by its event id: "setup", or "attempt <i>" of its order.
     labels: HashMap<EventId, String>,
+    /// The events emitted by the units of work that committed, in order (what the outbox
+    /// would hold).
+    emitted: Vec<OutboxRow>,
+}
+
+/// A unit of work applying `orders.cancelled` that stays open — its tombstone written, not
+/// committed — until [`HeldCancel::commit`].
+struct HeldCancel {
+    commit: mpsc::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl HeldCancel {
+    async fn commit(self) {
+        self.commit.send(()).unwrap();
+        self.done.await.unwrap();
+    }
 }
 
 impl Setup {
@@ -136,47 +162,44 @@ impl Setup {
         let provider = Provider::new(&config.provider(), breaker).unwrap();
         Self {
             db: pool.clone(),
-            outbox: Outbox::new("orderflow/payment-service"),
             charge: ChargeHandler::new(pool, provider, config.payment_deadline),
             labels: HashMap::new(),
+            emitted: Vec::new(),
         }
     }
 
-    /// `handle` in `tx`, not committed.
-    async fn charge_in(
+    /// `handle_batch` for `messages` in one unit of work, as the runner applies a batch (and,
+    /// for one message, as its fallback applies it alone). Returns the events emitted, once
+    /// committed; nothing is committed on an error.
+    async fn try_charge(
         &self,
-        tx: &mut Tx,
-        msg: &Incoming<InventoryEvent>,
-        attempt: Attempt,
-    ) -> Result<(), HandlerError> {
-        let mut work = Work::new(tx, &self.outbox, &msg.meta);
-        self.charge.handle(&mut work, msg, attempt).await?;
-        Ok(work.flush().await?)
-    }
-
-    /// `handle_batch` in `tx`, not committed.
-    async fn charge_batch(
-        &self,
-        tx: &mut Tx,
         messages: &[(Incoming<InventoryEvent>, Attempt)],
-    ) -> Result<(), HandlerError> {
-        let mut staged = Vec::new();
-        let mut work = BatchWork::new(tx, &self.outbox, &mut staged);
-        let batch: Vec<(&Incoming<InventoryEvent>, Attempt)> =
-            messages.iter().map(|(m, a)| (m, a.clone())).collect();
-        self.charge.handle_batch(&mut work, &batch).await?;
-        Ok(work.flush().await?)
+    ) -> Result<Vec<OutboxRow>, HandlerError> {
+        let (handler, messages) = (self.charge.clone(), messages.to_vec());
+        self.db
+            .write(move |tx| {
+                let mut work = Work::new(tx, SOURCE);
+                let batch: Vec<(&Incoming<InventoryEvent>, &Attempt)> =
+                    messages.iter().map(|(m, a)| (m, a)).collect();
+                handler.handle_batch(&mut work, &batch)?;
+                Ok::<_, HandlerError>(work.take_emitted())
+            })
+            .await
     }
 
-    /// One message in its own transaction, as the runner's fallback applies it.
-    async fn charge_one(&self, msg: &Incoming<InventoryEvent>, attempt: Attempt) {
-        let mut tx = self.db.begin().await.unwrap();
-        self.charge_in(&mut tx, msg, attempt).await.unwrap();
-        tx.commit().await.unwrap();
+    /// `handle_batch` for `messages` in one unit of work, committed.
+    async fn charge_batch(&mut self, messages: &[(Incoming<InventoryEvent>, Attempt)]) {
+        let rows = self.try_charge(messages).await.unwrap();
+        self.emitted.extend(rows);
     }
 
-    /// `orders.cancelled` for the order in `tx`, not committed.
-    async fn cancel_in(&mut self, tx: &mut Tx, order_id: OrderId) {
+    /// One message in its own unit of work, as the runner's fallback applies it.
+    async fn charge_one(&mut self, msg: &Incoming<InventoryEvent>, attempt: Attempt) {
+        self.charge_batch(&[(msg.clone(), attempt)]).await;
+    }
+
+    /// `orders.cancelled` for the order, labelled as setup.
+    fn cancellation(&mut self, order_id: OrderId) -> Incoming<OrderEvent> {
         let msg = message(
             OrderCancelled {
                 order_id,
@@ -185,15 +208,47 @@ impl Setup {
             OrderEvent::Cancelled,
         );
         self.labels.insert(msg.meta.id, "setup".into());
-        let mut work = Work::new(tx, &self.outbox, &msg.meta);
-        CancelHandler.handle(&mut work, &msg, ()).await.unwrap();
-        work.flush().await.unwrap();
+        msg
     }
 
+    /// `orders.cancelled` for the order in a unit of work of its own, committed.
     async fn cancel(&mut self, order_id: OrderId) {
-        let mut tx = self.db.begin().await.unwrap();
-        self.cancel_in(&mut tx, order_id).await;
-        tx.commit().await.unwrap();
+        let msg = self.cancellation(order_id);
+        let rows = self
+            .db
+            .write(move |tx| {
+                let mut work = Work::new(tx, SOURCE);
+                CancelHandler.handle_batch(&mut work, &[(&msg, &())])?;
+                Ok::<_, HandlerError>(work.take_emitted())
+            })
+            .await
+            .unwrap();
+        self.emitted.extend(rows);
+    }
+
+    /// `orders.cancelled` for the order in a unit of work that is held open, its effects
+    /// written but not committed, until [`HeldCancel::commit`]. (It emits nothing.)
+    async fn cancel_held(&mut self, order_id: OrderId) -> HeldCancel {
+        let msg = self.cancellation(order_id);
+        let (written, is_written) = tokio::sync::oneshot::channel();
+        let (commit, committing) = mpsc::channel::<()>();
+        let db = self.db.clone();
+        let done = tokio::spawn(async move {
+            db.write(move |tx| {
+                let mut work = Work::new(tx, SOURCE);
+                CancelHandler.handle_batch(&mut work, &[(&msg, &())])?;
+                assert_eq!(work.emitted(), 0);
+                let _ = written.send(());
+                // On the database thread: waits there, the transaction open, until the test
+                // commits it (or is gone).
+                let _ = committing.recv();
+                Ok::<_, HandlerError>(())
+            })
+            .await
+            .unwrap();
+        });
+        is_written.await.unwrap();
+        HeldCancel { commit, done }
     }
 
     /// A fresh order whose payment is at `start`, and the reservation the batch is about.
@@ -226,10 +281,7 @@ impl Setup {
     /// The messages of `scenarios`, each about a fresh order set up at its start: the first
     /// attempt of every order, then the second of every order, so that messages about one
     /// order are apart in the batch.
-    async fn messages(
-        &mut self,
-        scenarios: &[Scenario],
-    ) -> (Vec<OrderId>, Vec<(Incoming<InventoryEvent>, Attempt)>) {
+    async fn messages(&mut self, scenarios: &[Scenario]) -> (Vec<OrderId>, Charges) {
         let mut orders = Vec::new();
         let mut per_order = Vec::new();
         for (i, s) in scenarios.iter().enumerate() {
@@ -253,18 +305,14 @@ impl Setup {
     /// What each order's payment and events look like, with ids replaced by what they are.
     async fn outcomes(&self, orders: &[OrderId]) -> Vec<Value> {
         let label = |id: EventId| self.labels.get(&id).cloned().unwrap_or_default();
-        let rows: Vec<(String, String, String)> =
-            sqlx::query_as("SELECT subject, headers, payload FROM outbox ORDER BY id")
-                .fetch_all(self.db.reader())
-                .await
-                .unwrap();
         let mut events: HashMap<String, Vec<Value>> = HashMap::new();
-        for (subject, header_text, payload) in rows {
-            let body: Value = serde_json::from_str(&payload).unwrap();
-            let pairs: Vec<(String, String)> = serde_json::from_str(&header_text).unwrap();
-            let cause = pairs
+        for row in &self.emitted {
+            let (subject, payload) = (row.subject(), row.payload());
+            let body: Value = serde_json::from_str(payload).unwrap();
+            let cause = row
+                .headers()
                 .iter()
-                .find(|(name, _)| name == headers::CE_CAUSATION_ID)
+                .find(|(name, _)| *name == headers::CE_CAUSATION_ID)
                 .map(|(_, value)| label(value.parse().unwrap()));
             let order = body["order_id"].as_str().unwrap().to_owned();
             events
@@ -312,9 +360,7 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
     let (batched, batch) = setup.messages(&scenarios).await;
     let (alone, singles) = setup.messages(&scenarios).await;
 
-    let mut tx = setup.db.begin().await.unwrap();
-    setup.charge_batch(&mut tx, &batch).await.unwrap();
-    tx.commit().await.unwrap();
+    setup.charge_batch(&batch).await;
     for (msg, attempt) in &singles {
         setup.charge_one(msg, attempt.clone()).await;
     }
@@ -357,7 +403,7 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
     let o = story(Start::Tombstone, 3, 1);
     assert_eq!(o["payment"]["status"], "cancelled");
     assert_eq!(o["payment"]["needs_reconciliation"], false);
-    // More fresh charges than one statement takes: every one recorded and published.
+    // A large batch of fresh charges: every one recorded and published.
     for o in &together[STARTS.len() * 25..] {
         assert_eq!(o["payment"]["status"], "completed");
         assert_eq!(o["events"][0]["subject"], "payments.completed");
@@ -367,13 +413,17 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
 /// Waits until a statement of this database waits for a lock another transaction holds.
 async fn a_statement_waits_for_a_lock(db: &Db) {
     eventually(common::WAIT, "a statement to wait for a lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(db.reader())
-        .await
-        .map_err(|e| e.to_string())?;
+        let waiting: i64 = db
+            .read(|tx| {
+                tx.query_one(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .map_err(|e: StoreError| e.to_string())?;
         if waiting > 0 {
             Ok(())
         } else {
@@ -402,19 +452,17 @@ async fn a_payment_recorded_meanwhile_is_read_again(db: TestDb) {
     };
 
     let batch = vec![charge(&raced), charge(&other)];
-    let mut cancelling = setup.db.begin().await.unwrap();
-    setup.cancel_in(&mut cancelling, raced.order_id).await;
-    let mut tx = setup.db.begin().await.unwrap();
-    let (applied, ()) = tokio::join!(setup.charge_batch(&mut tx, &batch), async {
+    let cancelling = setup.cancel_held(raced.order_id).await;
+    let (applied, ()) = tokio::join!(setup.try_charge(&batch), async {
         a_statement_waits_for_a_lock(&setup.db).await;
-        cancelling.commit().await.unwrap();
+        cancelling.commit().await;
     });
+    // Rolled back (the unit of work failed), as the runner does.
     let error = applied.unwrap_err().to_string();
     assert!(
         error.starts_with("transient") && error.contains("changed concurrently"),
         "{error}"
     );
-    drop(tx); // rolled back, as the runner does
     for (msg, attempt) in &batch {
         setup.charge_one(msg, attempt.clone()).await;
     }
@@ -428,16 +476,14 @@ async fn a_payment_recorded_meanwhile_is_read_again(db: TestDb) {
     assert_eq!(o[1]["payment"]["status"], "completed", "{}", o[1]);
     assert_eq!(o[1]["events"].as_array().unwrap().len(), 1, "{}", o[1]);
 
-    let (msg, attempt) = charge(&alone);
-    let mut cancelling = setup.db.begin().await.unwrap();
-    setup.cancel_in(&mut cancelling, alone.order_id).await;
-    let mut tx = setup.db.begin().await.unwrap();
-    let (applied, ()) = tokio::join!(setup.charge_in(&mut tx, &msg, attempt), async {
+    let alone_msg = charge(&alone);
+    let cancelling = setup.cancel_held(alone.order_id).await;
+    let (applied, ()) = tokio::join!(setup.try_charge(std::slice::from_ref(&alone_msg)), async {
         a_statement_waits_for_a_lock(&setup.db).await;
-        cancelling.commit().await.unwrap();
+        cancelling.commit().await;
     });
-    applied.unwrap();
-    tx.commit().await.unwrap();
+    let rows = applied.unwrap();
+    setup.emitted.extend(rows);
     let o = &setup.outcomes(&[alone.order_id]).await[0];
     assert_eq!(o["payment"]["status"], "refund_pending", "{o}");
     assert_eq!(o["payment"]["charge_id"], format!("ch_{}", alone.order_id));

@@ -4,12 +4,15 @@
 //! A run starts a fresh system from the release binaries next to this executable (NATS, the
 //! simulator, the three services; SQLite files or a private PostgreSQL), then:
 //!
-//! 1. **baseline**: the raw JetStream chain (`orderflow_messaging::loadtest::Chain`) — as many
-//!    publish → pull-consume → publish hops as the saga has, the same payload size, no
-//!    database — driven exactly like the system;
+//! 1. **baselines**, driven exactly like the system: the raw JetStream chain
+//!    (`orderflow_messaging::loadtest::Chain`) — as many publish → pull-consume → publish hops
+//!    as the saga has, the same payload size, no database — and the database chain, the same
+//!    hops with a transaction on each hop's own database (inbox and outbox rows, the services'
+//!    durability) before each publish: the attainable bound with a database in the loop;
 //! 2. **system**: orders over HTTP (`POST /v1/orders`, the API a client uses); each order's
 //!    latency runs from its *intended* send time (open loop: no coordinated omission) to the
-//!    moment its terminal event (`orders.confirmed` / `orders.cancelled`) is seen on NATS;
+//!    moment its terminal event (`orders.confirmed` / `orders.cancelled`) is seen on NATS, and
+//!    is broken down hop by hop from the events' own times and JetStream's;
 //! 3. **drain**: how long after the load stops until every order finished and every consumer's
 //!    backlog is zero;
 //! 4. **invariants**: every accepted order terminal exactly once, stock conserved, exactly one
@@ -39,6 +42,7 @@ use clap::Args;
 use orderflow_e2e::{Options, Service, System};
 use orderflow_messaging::loadtest::{self, Chain};
 use orderflow_messaging::{Nats, NatsConfig};
+use orderflow_store::{Db, DbOptions, Durability};
 use orderflow_testkit::PostgresServer;
 
 use crate::cli::Store;
@@ -80,6 +84,11 @@ pub struct BenchArgs {
     /// (fsync every 2 minutes). The baseline runs on the same server, so it pays the same.
     #[arg(long)]
     pub nats_sync_always: bool,
+
+    /// The services' `--db-durability` (and the database chain's): `full` (a commit is on
+    /// disk before its message is acknowledged) or `normal`.
+    #[arg(long, default_value = "full", value_parser = Durability::parse)]
+    pub db_durability: Durability,
 
     /// Write the results as JSON to this file.
     #[arg(long)]
@@ -127,6 +136,8 @@ pub struct Plan {
     pub baseline: bool,
     /// nats-server fsyncs every JetStream write.
     pub nats_sync_always: bool,
+    /// The services' database durability.
+    pub durability: Durability,
 }
 
 /// Runs `orderflow bench`.
@@ -156,6 +167,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             warmup: args.warmup,
             baseline: !args.no_baseline,
             nats_sync_always: args.nats_sync_always,
+            durability: args.db_durability,
         }],
     };
     let mut results = Vec::new();
@@ -208,89 +220,71 @@ fn standard_scenarios() -> Vec<Plan> {
         warmup: Duration::from_secs(3),
         baseline: true,
         nats_sync_always: false,
+        durability: Durability::Full,
     };
+    let open = |rate: u32| Load::Open {
+        rate: f64::from(rate),
+    };
+    let max = Load::Closed { concurrency: 200 };
     vec![
-        plan(
-            "sqlite-max",
-            Store::Sqlite,
-            Load::Closed { concurrency: 200 },
-            20,
-        ),
+        plan("sqlite-open-100", Store::Sqlite, open(100), 20),
+        plan("sqlite-open-500", Store::Sqlite, open(500), 20),
+        plan("sqlite-open-1000", Store::Sqlite, open(1000), 20),
+        plan("sqlite-max", Store::Sqlite, max, 20),
         Plan {
-            // The cost of the production NATS configuration, next to `sqlite-max`.
+            // The production NATS setting on top of the durable database default.
             nats_sync_always: true,
-            ..plan(
-                "sqlite-max-nats-sync-always",
-                Store::Sqlite,
-                Load::Closed { concurrency: 200 },
-                20,
-            )
+            ..plan("durable-open-500", Store::Sqlite, open(500), 20)
         },
-        plan(
-            "sqlite-open-1000",
-            Store::Sqlite,
-            Load::Open { rate: 1000.0 },
-            20,
-        ),
-        plan(
-            "postgres-max",
-            Store::Postgres,
-            Load::Closed { concurrency: 200 },
-            20,
-        ),
-        plan(
-            "postgres-open-500",
-            Store::Postgres,
-            Load::Open { rate: 500.0 },
-            20,
-        ),
-        plan(
-            "sqlite-5min-1000",
-            Store::Sqlite,
-            Load::Open { rate: 1000.0 },
-            300,
-        ),
+        Plan {
+            // What `--db-durability normal` buys, beside `sqlite-open-500`.
+            durability: Durability::Normal,
+            ..plan("sqlite-normal-open-500", Store::Sqlite, open(500), 20)
+        },
+        plan("postgres-max", Store::Postgres, max, 20),
+        plan("postgres-open-500", Store::Postgres, open(500), 20),
+        plan("sqlite-5min-1000", Store::Sqlite, open(1000), 300),
     ]
 }
 
 /// Databases for one run: nothing to keep for SQLite (temp files), a private server for
-/// PostgreSQL.
+/// PostgreSQL. The services' three, and the database chain's four (one per hop).
 struct Storage {
     _dir: Option<tempfile::TempDir>,
     _postgres: Option<PostgresServer>,
     urls: [String; 3],
+    chain_urls: [String; 4],
 }
+
+const SERVICE_DATABASES: [&str; 3] = ["orders", "inventory", "payments"];
+const CHAIN_DATABASES: [&str; 4] = ["chain0", "chain1", "chain2", "chain3"];
 
 async fn storage(store: Store) -> anyhow::Result<Storage> {
     match store {
         Store::Sqlite => {
             let dir = tempfile::tempdir().context("creating a temp dir for the databases")?;
             let url = |name: &str| format!("sqlite://{}/{name}.db?mode=rwc", dir.path().display());
-            let urls = [url("orders"), url("inventory"), url("payments")];
             Ok(Storage {
+                urls: SERVICE_DATABASES.map(url),
+                chain_urls: CHAIN_DATABASES.map(url),
                 _dir: Some(dir),
                 _postgres: None,
-                urls,
             })
         }
         Store::Postgres => {
             let server =
                 contain::blocking_async("starting PostgreSQL", PostgresServer::start).await?;
-            for db in ["orders", "inventory", "payments"] {
+            for db in SERVICE_DATABASES.iter().chain(&CHAIN_DATABASES) {
                 orderflow_testkit::admin_sql(&server.url(), &format!("CREATE DATABASE {db}"))
                     .await
                     .map_err(|e| anyhow::anyhow!(e))
                     .with_context(|| format!("creating database {db}"))?;
             }
-            let urls = [
-                server.database_url("orders"),
-                server.database_url("inventory"),
-                server.database_url("payments"),
-            ];
             Ok(Storage {
+                urls: SERVICE_DATABASES.map(|n| server.database_url(n)),
+                chain_urls: CHAIN_DATABASES.map(|n| server.database_url(n)),
                 _dir: None,
                 _postgres: Some(server),
-                urls,
             })
         }
     }
@@ -298,9 +292,14 @@ async fn storage(store: Store) -> anyhow::Result<Storage> {
 
 async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
     let storage = storage(plan.store).await?;
+    let mut extra_env = vec![(
+        "ORDERFLOW_DB_DURABILITY".to_owned(),
+        plan.durability.as_str().to_owned(),
+    )];
+    extra_env.extend(args.service_env.iter().cloned());
     let options = Options {
         log_level: Box::leak(args.service_log.clone().into_boxed_str()),
-        extra_env: args.service_env.clone(),
+        extra_env,
         ack_wait: "30s",
         saga_deadline: "120s",
         payment_deadline: "60s",
@@ -320,15 +319,27 @@ async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
     let nats = Nats::connect(&NatsConfig::new(system.nats.url(), "orderflow-bench")).await?;
     nats.wait_connected(Duration::from_secs(10)).await?;
 
-    // The baseline first, on the same nats-server, idle system.
-    let baseline = if plan.baseline {
+    // The baselines first, on the same nats-server, idle system.
+    let (baseline, db_baseline) = if plan.baseline {
         let chain = Chain::start(&nats, 4, 2).await?;
-        let target = Target::chain(chain);
-        let result = driver::drive(&target, plan, &nats, &[loadtest::CHAIN_STREAM]).await?;
-        target.stop().await;
-        Some(result)
+        let raw = drive_chain(chain, plan, &nats).await?;
+        let options = DbOptions {
+            durability: plan.durability,
+            ..DbOptions::default()
+        };
+        let mut dbs = Vec::new();
+        for url in &storage.chain_urls {
+            dbs.push(
+                Db::connect(url, &options)
+                    .await
+                    .with_context(|| format!("opening the database chain's {url}"))?,
+            );
+        }
+        let chain = Chain::start_with_databases(&nats, 2, dbs).await?;
+        let with_db = drive_chain(chain, plan, &nats).await?;
+        (Some(raw), Some(with_db))
     } else {
-        None
+        (None, None)
     };
 
     let pids = system.pids();
@@ -348,12 +359,23 @@ async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
         duration_s: plan.duration.as_secs_f64(),
         warmup_s: plan.warmup.as_secs_f64(),
         nats_sync_always: plan.nats_sync_always,
+        durability: plan.durability.as_str().to_owned(),
         ratio: baseline.as_ref().map(|b| report::Ratio::of(&result, b)),
+        db_ratio: db_baseline.as_ref().map(|b| report::Ratio::of(&result, b)),
         system: result,
         baseline,
+        db_baseline,
         processes,
         invariants,
     })
+}
+
+/// Drives a baseline chain like the system, then stops it.
+async fn drive_chain(chain: Chain, plan: &Plan, nats: &Nats) -> anyhow::Result<driver::RunResult> {
+    let target = Target::chain(chain);
+    let result = driver::drive(&target, plan, nats, &[loadtest::CHAIN_STREAM]).await?;
+    target.stop().await;
+    Ok(result)
 }
 
 async fn invariants(system: &System, result: &driver::RunResult) -> anyhow::Result<Invariants> {

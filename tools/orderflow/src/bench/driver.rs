@@ -17,6 +17,7 @@ use orderflow_e2e::{Service, System};
 use orderflow_messaging::Nats;
 use orderflow_messaging::loadtest::{self, Chain, Observed};
 use serde::Serialize;
+use time::OffsetDateTime;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 
@@ -181,6 +182,18 @@ impl Target {
         }
     }
 
+    /// The streams and subjects whose events make the hop breakdown (none for the chain).
+    fn traced(&self) -> Vec<(&'static str, Vec<&'static str>)> {
+        match &self.inner.kind {
+            Kind::Orders { .. } => vec![
+                ("ORDERS", vec!["orders.created"]),
+                ("INVENTORY", vec!["inventory.reserved"]),
+                ("PAYMENTS", vec!["payments.completed"]),
+            ],
+            Kind::Chain { .. } => Vec::new(),
+        }
+    }
+
     fn key_of(&self, o: &Observed) -> Option<(String, Outcome)> {
         let v: serde_json::Value = serde_json::from_slice(&o.payload).ok()?;
         match &self.inner.kind {
@@ -242,7 +255,58 @@ pub struct RunResult {
     pub drain_s: f64,
     /// Seconds from the end of sending until every consumer's backlog was zero.
     pub backlog_zero_s: f64,
+    /// Where a confirmed order's time went, hop by hop (the system only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<HopLatency>,
 }
+
+/// The time one stretch of the saga took, over the confirmed orders sent inside the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct HopLatency {
+    /// What happens in it.
+    pub name: &'static str,
+    /// Median, milliseconds.
+    pub p50: f64,
+    /// 99th percentile, milliseconds.
+    pub p99: f64,
+}
+
+/// The saga's events the breakdown is made of, in order.
+const TRACED: [&str; 4] = [
+    "orders.created",
+    "inventory.reserved",
+    "payments.completed",
+    "orders.confirmed",
+];
+
+/// The stretches of a confirmed order's path, each between two of its moments: the intended
+/// send (0), each traced event's creation (its CloudEvents time, inside the producing
+/// transaction) and storage (JetStream's time), and the moment the bench saw the last event
+/// (9).
+const STRETCHES: [(&str, usize, usize); 9] = [
+    (
+        "HTTP accept → orders.created made (in its transaction)",
+        0,
+        1,
+    ),
+    ("orders.created: commit → stored in JetStream", 1, 2),
+    ("inventory: delivery → inventory.reserved made", 2, 3),
+    ("inventory.reserved: commit → stored", 3, 4),
+    (
+        "payment: delivery + provider call → payments.completed made",
+        4,
+        5,
+    ),
+    ("payments.completed: commit → stored", 5, 6),
+    ("order: delivery → orders.confirmed made", 6, 7),
+    ("orders.confirmed: commit → stored", 7, 8),
+    ("orders.confirmed: stored → seen by the bench", 8, 9),
+];
+
+/// The moments of one order: its intended send, then (made, stored) for each traced event,
+/// then when the bench saw it finish.
+#[derive(Debug, Clone, Default)]
+struct Moments([Option<OffsetDateTime>; 10]);
 
 struct Pending {
     intended: Instant,
@@ -250,6 +314,8 @@ struct Pending {
 }
 
 struct State {
+    /// Moments of the orders, for the hop breakdown.
+    moments: HashMap<String, Moments>,
     pending: HashMap<String, Pending>,
     early: HashMap<String, (Instant, Outcome)>,
     done: HashSet<String>,
@@ -261,6 +327,8 @@ struct State {
 struct Tracker {
     state: Mutex<State>,
     start: Instant,
+    /// The wall-clock time at `start`, to compare the bench's instants with event times.
+    wall_start: OffsetDateTime,
     window: (Instant, Instant),
 }
 
@@ -319,6 +387,16 @@ impl Tracker {
         at: Instant,
         outcome: &Outcome,
     ) {
+        let (from, to) = self.window;
+        let traced = matches!(outcome, Outcome::Done) && intended >= from && intended < to;
+        if traced {
+            let (intended_wall, seen_wall) = (self.wall(intended), self.wall(at));
+            let m = s.moments.entry(key.clone()).or_default();
+            m.0[0] = Some(intended_wall);
+            m.0[9] = Some(seen_wall);
+        } else {
+            s.moments.remove(&key);
+        }
         s.done.insert(key);
         match outcome {
             Outcome::Done => s.result.confirmed += 1,
@@ -326,7 +404,6 @@ impl Tracker {
                 *s.result.cancelled.entry(reason.clone()).or_default() += 1;
             }
         }
-        let (from, to) = self.window;
         if intended >= from && intended < to {
             let micros = at.saturating_duration_since(intended).as_micros().max(1) as u64;
             let _ = s.hist.record(micros.min(s.hist.high()));
@@ -344,6 +421,58 @@ impl Tracker {
     fn outstanding(&self) -> usize {
         self.lock().pending.len()
     }
+
+    fn wall(&self, at: Instant) -> OffsetDateTime {
+        self.wall_start + at.saturating_duration_since(self.start)
+    }
+
+    /// Notes a traced event (or the terminal one) of an order.
+    fn traced(&self, o: &Observed) {
+        let Some(step) = TRACED.iter().position(|s| *s == o.subject) else {
+            return;
+        };
+        let Some(key) = serde_json::from_slice::<serde_json::Value>(&o.payload)
+            .ok()
+            .and_then(|v| v["order_id"].as_str().map(str::to_owned))
+        else {
+            return;
+        };
+        let mut s = self.lock();
+        let m = s.moments.entry(key).or_default();
+        m.0[1 + 2 * step] = o.event_time;
+        m.0[2 + 2 * step] = o.stored;
+    }
+
+    /// The hop breakdown over the orders that have every moment.
+    fn hops(&self) -> Vec<HopLatency> {
+        let s = self.lock();
+        let mut hists: Vec<Histogram<u64>> = STRETCHES
+            .iter()
+            .filter_map(|_| Histogram::new_with_bounds(1, 600_000_000, 3).ok())
+            .collect();
+        if hists.len() != STRETCHES.len() {
+            return Vec::new();
+        }
+        for m in s.moments.values() {
+            let Some(all) = m.0.iter().copied().collect::<Option<Vec<_>>>() else {
+                continue;
+            };
+            for ((_, from, to), hist) in STRETCHES.iter().zip(&mut hists) {
+                let micros = (all[*to] - all[*from]).whole_microseconds().max(1);
+                let _ = hist.record((micros as u64).min(hist.high()));
+            }
+        }
+        STRETCHES
+            .iter()
+            .zip(&hists)
+            .filter(|(_, h)| !h.is_empty())
+            .map(|((name, _, _), h)| HopLatency {
+                name,
+                p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+                p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect()
+    }
 }
 
 /// Drives `target` as `plan` says and returns the figures.
@@ -354,10 +483,16 @@ pub async fn drive(
     backlog_streams: &[&str],
 ) -> anyhow::Result<RunResult> {
     let mut observed = target.observe(nats).await?;
+    let mut traced = Vec::new();
+    for (stream, subjects) in target.traced() {
+        traced.push(loadtest::observe(nats, stream, &subjects).await?.boxed());
+    }
     let start = Instant::now();
+    let wall_start = OffsetDateTime::now_utc();
     let send_end = start + plan.duration;
     let tracker = Arc::new(Tracker {
         state: Mutex::new(State {
+            moments: HashMap::new(),
             pending: HashMap::new(),
             early: HashMap::new(),
             done: HashSet::new(),
@@ -366,9 +501,27 @@ pub async fn drive(
             in_window: 0,
         }),
         start,
+        wall_start,
         window: (start + plan.warmup, send_end),
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let tracers: Vec<_> = traced
+        .into_iter()
+        .map(|mut events| {
+            let (tracker, mut stop) = (tracker.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        next = events.next() => match next {
+                            Some(o) => tracker.traced(&o),
+                            None => return,
+                        },
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        })
+        .collect();
     let watcher = {
         let (tracker, target) = (tracker.clone(), target.clone());
         tokio::spawn(async move {
@@ -376,6 +529,7 @@ pub async fn drive(
                 tokio::select! {
                     next = observed.next() => match next {
                         Some(o) => {
+                            tracker.traced(&o);
                             if let Some((key, outcome)) = target.key_of(&o) {
                                 tracker.complete(key, Instant::now(), outcome);
                             }
@@ -409,6 +563,10 @@ pub async fn drive(
     }
     let _ = stop_tx.send(true);
     let _ = watcher.await;
+    for t in tracers {
+        let _ = t.await;
+    }
+    let hops = tracker.hops();
 
     let s = tracker.lock();
     let mut result = s.result.clone();
@@ -435,6 +593,7 @@ pub async fn drive(
     .collect();
     result.drain_s = drain_s;
     result.backlog_zero_s = backlog_zero_s;
+    result.hops = hops;
     Ok(result)
 }
 
