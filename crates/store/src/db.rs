@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
+
+use crate::queue::Queue;
 
 use crate::postgres::PgSession;
 use crate::sqlite::{SqliteSession, SqliteTarget};
@@ -173,12 +174,11 @@ type ReadUnit = Box<dyn FnOnce(Result<&mut Tx<'_>, StoreError>) + Send>;
 enum Job {
     Write(Box<dyn WriteUnit>),
     Read(ReadUnit),
-    Stop,
 }
 
 /// A set of threads taking jobs from one queue.
 struct Pool {
-    jobs: Sender<Job>,
+    jobs: Arc<Queue<Job>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -189,10 +189,10 @@ impl Pool {
         group: bool,
         open: impl Fn() -> Result<Session, StoreError> + Send + Clone + 'static,
     ) -> Result<Self, StoreError> {
-        let (jobs, queue) = crossbeam_channel::unbounded();
+        let jobs = Arc::new(Queue::new());
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
-            let (queue, open) = (queue.clone(), open.clone());
+            let (queue, open) = (jobs.clone(), open.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || serve(&queue, group, &open))
@@ -208,16 +208,16 @@ impl Pool {
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
-        self.jobs.send(job).map_err(|_| StoreError::Closed)
+        self.jobs.push(job).map_err(|_| StoreError::Closed)
     }
 
     /// Lets every thread finish the jobs queued before, then stop; waits for them.
     async fn close(&self) {
         let handles =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        for _ in &handles {
-            let _ = self.jobs.send(Job::Stop);
-        }
+        // The threads take what is queued, then find the queue closed and stop; new work is
+        // refused from now on.
+        self.jobs.close();
         let joined = tokio::task::spawn_blocking(move || {
             for handle in handles {
                 let _ = handle.join();
@@ -227,20 +227,26 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// The last handle is gone: the threads finish what is queued and stop.
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
+}
+
 /// A database thread: opens its connection (again after it broke), runs the jobs it gets.
-fn serve(queue: &Receiver<Job>, group: bool, open: &dyn Fn() -> Result<Session, StoreError>) {
+fn serve(queue: &Queue<Job>, group: bool, open: &dyn Fn() -> Result<Session, StoreError>) {
     let mut session: Option<Session> = None;
     let mut held: Option<Job> = None;
     loop {
         let job = match held.take() {
             Some(job) => job,
-            None => match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return, // every Db handle is gone
+            None => match queue.pop() {
+                Some(job) => job,
+                None => return, // every Db handle is gone
             },
         };
         match job {
-            Job::Stop => return,
             Job::Read(unit) => match connected(&mut session, open) {
                 Ok(s) => {
                     let mut tx = Tx::new(s);
@@ -255,13 +261,13 @@ fn serve(queue: &Receiver<Job>, group: bool, open: &dyn Fn() -> Result<Session, 
                 if group {
                     // Whatever else is waiting joins this transaction.
                     while units.len() < MAX_GROUP {
-                        match queue.try_recv() {
-                            Ok(Job::Write(unit)) => units.push(unit),
-                            Ok(other) => {
+                        match queue.try_pop() {
+                            Some(Job::Write(unit)) => units.push(unit),
+                            Some(other) => {
                                 held = Some(other);
                                 break;
                             }
-                            Err(_) => break,
+                            None => break,
                         }
                     }
                 }

@@ -22,6 +22,7 @@ mod db;
 mod error;
 pub mod migrate;
 mod postgres;
+mod queue;
 mod sqlite;
 mod tx;
 mod value;

@@ -90,6 +90,9 @@ impl SqliteSession {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", durability.sqlite_pragma())?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Statement journals (a statement's undo inside a transaction) in memory, not in a
+        // temporary file opened and deleted for each such statement.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         if read_only {
             conn.pragma_update(None, "query_only", "ON")?;
         }
