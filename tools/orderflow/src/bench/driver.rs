@@ -482,7 +482,7 @@ pub async fn drive(
     nats: &Nats,
     backlog_streams: &[&str],
 ) -> anyhow::Result<RunResult> {
-    let mut observed = target.observe(nats).await?;
+    let observed = target.observe(nats).await?;
     let mut traced = Vec::new();
     for (stream, subjects) in target.traced() {
         traced.push(loadtest::observe(nats, stream, &subjects).await?.boxed());
@@ -504,43 +504,13 @@ pub async fn drive(
         wall_start,
         window: (start + plan.warmup, send_end),
     });
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let tracers: Vec<_> = traced
-        .into_iter()
-        .map(|mut events| {
-            let (tracker, mut stop) = (tracker.clone(), stop_rx.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        next = events.next() => match next {
-                            Some(o) => tracker.traced(&o),
-                            None => return,
-                        },
-                        _ = stop.changed() => return,
-                    }
-                }
-            })
-        })
-        .collect();
-    let watcher = {
-        let (tracker, target) = (tracker.clone(), target.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    next = observed.next() => match next {
-                        Some(o) => {
-                            tracker.traced(&o);
-                            if let Some((key, outcome)) = target.key_of(&o) {
-                                tracker.complete(key, Instant::now(), outcome);
-                            }
-                        }
-                        None => return,
-                    },
-                    _ = stop_rx.changed() => return,
-                }
-            }
-        })
-    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The completions (and, for the system, the terminal events' moments), then the other
+    // traced events.
+    let mut followers = vec![follow(observed.boxed(), &tracker, Some(target), &stop_rx)];
+    for events in traced {
+        followers.push(follow(events, &tracker, None, &stop_rx));
+    }
 
     match plan.load {
         Load::Open { rate } => open_loop(target, &tracker, start, send_end, rate).await,
@@ -562,9 +532,8 @@ pub async fn drive(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = stop_tx.send(true);
-    let _ = watcher.await;
-    for t in tracers {
-        let _ = t.await;
+    for f in followers {
+        let _ = f.await;
     }
     let hops = tracker.hops();
 
@@ -595,6 +564,33 @@ pub async fn drive(
     result.backlog_zero_s = backlog_zero_s;
     result.hops = hops;
     Ok(result)
+}
+
+/// Follows observed events until `stop`: notes each one's moments, and completes the items
+/// `completes` (the target) recognises.
+fn follow(
+    mut events: futures::stream::BoxStream<'static, Observed>,
+    tracker: &Arc<Tracker>,
+    completes: Option<&Target>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let (tracker, target, mut stop) = (tracker.clone(), completes.cloned(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                next = events.next() => match next {
+                    Some(o) => {
+                        tracker.traced(&o);
+                        if let Some((key, outcome)) = target.as_ref().and_then(|t| t.key_of(&o)) {
+                            tracker.complete(key, Instant::now(), outcome);
+                        }
+                    }
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    })
 }
 
 async fn open_loop(
