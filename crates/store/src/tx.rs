@@ -6,6 +6,10 @@
 //! SQLite's `?1` form, which binds by position). They are prepared once per connection and
 //! cached. The `*_each` calls run one statement for many parameter lists: a loop on SQLite
 //! (in-process, a few microseconds a row), one pipelined round trip on PostgreSQL.
+//!
+//! PostgreSQL types each parameter from the statement: a parameter whose first use says
+//! nothing of its type (`$1 IS NULL OR status = $1`) needs a cast there
+//! (`CAST($1 AS TEXT) IS NULL`), which SQLite accepts too.
 
 use crate::postgres::PgSession;
 use crate::sqlite::SqliteSession;

@@ -171,6 +171,28 @@ async fn statements_bind_by_number_and_run_each(db: TestDb) {
     assert!(!wrong.is_transient(), "{wrong}");
 }
 
+/// A filter that is not set is a NULL parameter matching everything. PostgreSQL types a
+/// parameter from where it is first seen and cannot from `$1 IS NULL`: the CAST says it.
+async fn optional_filters_bind_null(db: TestDb) {
+    let a = connect(&db).await;
+    for name in ["a", "b", "c"] {
+        insert(&a, name).await.unwrap();
+    }
+    let select = |name: Option<&'static str>, before: Option<&'static str>| {
+        a.read(move |tx| {
+            tx.query(
+                "SELECT name FROM widgets WHERE (CAST($1 AS TEXT) IS NULL OR name = $1) \
+                   AND (CAST($2 AS TEXT) IS NULL OR name < $2) ORDER BY name DESC LIMIT $3",
+                params![name, before, 10_i64],
+                |r| r.get::<String>(0),
+            )
+        })
+    };
+    assert_eq!(select(None, None).await.unwrap(), ["c", "b", "a"]);
+    assert_eq!(select(Some("b"), None).await.unwrap(), ["b"]);
+    assert_eq!(select(None, Some("c")).await.unwrap(), ["b", "a"]);
+}
+
 async fn unique_violations_are_not_transient(db: TestDb) {
     let a = connect(&db).await;
     a.write(|tx| tx.execute_script("CREATE UNIQUE INDEX widgets_name ON widgets (name)"))
@@ -288,6 +310,7 @@ on_every_backend!(
     migrations_apply_once_even_when_raced,
     units_commit_or_roll_back_whole,
     statements_bind_by_number_and_run_each,
+    optional_filters_bind_null,
     unique_violations_are_not_transient,
     concurrent_units_fail_alone,
     locks_in_key_order_hold_until_the_transaction_ends

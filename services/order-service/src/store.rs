@@ -358,7 +358,8 @@ pub async fn list_orders(
     filter: &ListFilter,
     limit: i64,
 ) -> Result<Vec<OrderView>, StoreError> {
-    // One statement text: a filter that is not set matches everything.
+    // One statement text: a filter that is not set matches everything. PostgreSQL cannot type
+    // a parameter from `$1 IS NULL`, so each is cast where it is first seen.
     let status = filter.status;
     let customer = filter.customer_id.clone();
     let before = filter.before.map(|b| b.to_string());
@@ -366,8 +367,9 @@ pub async fn list_orders(
         tx.query(
             &format!(
                 "SELECT {ORDER_COLUMNS} FROM orders \
-                 WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR customer_id = $2) \
-                   AND ($3 IS NULL OR order_id < $3) \
+                 WHERE (CAST($1 AS TEXT) IS NULL OR status = $1) \
+                   AND (CAST($2 AS TEXT) IS NULL OR customer_id = $2) \
+                   AND (CAST($3 AS TEXT) IS NULL OR order_id < $3) \
                  ORDER BY order_id DESC LIMIT $4"
             ),
             params![status, customer, before, limit],
