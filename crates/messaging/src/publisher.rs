@@ -62,7 +62,7 @@ impl Publisher {
     }
 
     /// Sends a message without waiting for its ack; the returned future resolves to the ack.
-    /// Used to pipeline many publishes (the outbox relay).
+    /// Used to pipeline many publishes (the outbox and its sweeper).
     pub(crate) async fn send(
         &self,
         subject: &str,

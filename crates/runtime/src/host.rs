@@ -12,10 +12,10 @@
 //!
 //! `serve` starts the HTTP server first — `/livez` answers at once and `/readyz` tells the
 //! truth (not ready until NATS is connected and the topology reconciled) — then waits for NATS
-//! within a bound, reconciles the streams and starts the outbox relay, the runners and the
+//! within a bound, reconciles the streams and starts the outbox sweeper, the runners and the
 //! background tasks. Shutdown happens in order, within `--shutdown-timeout`: readiness turns
 //! false and intake stops (HTTP stops accepting, runners stop pulling and settle the batch in
-//! flight), then the outbox relay flushes what was committed, then the NATS connection drains
+//! flight), then the outbox sweeper publishes what was committed, then the NATS connection drains
 //! and the database closes.
 
 use std::future::Future;

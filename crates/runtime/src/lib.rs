@@ -8,7 +8,7 @@
 //!   request correlation, and RFC 9457 problem responses;
 //! - [`admin`]: the operator endpoints (dead letters) every service serves;
 //! - [`host`]: the service host — the composition root's shared half. It connects the
-//!   database and NATS, migrates, reconciles the topology, runs the outbox relay, the consumer
+//!   database and NATS, migrates, reconciles the topology, runs the outbox sweeper, the consumer
 //!   runners and the HTTP server on one task tracker, and shuts them down in order on SIGTERM or
 //!   SIGINT: stop intake, settle in-flight messages, flush the outbox, drain NATS.
 

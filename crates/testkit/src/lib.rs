@@ -83,20 +83,24 @@ pub fn workspace_root() -> PathBuf {
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The port is bound and released again, so another process may take it before the caller
-/// binds it; the server helpers in this crate retry with new ports when that happens.
+/// binds it; the server helpers in this crate retry with new ports when that happens. Ports
+/// are chosen below the kernel's ephemeral range, so the outgoing connections of the processes
+/// under test (whose local ports come from that range) cannot take them in the meantime.
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
 /// `n` distinct free ports: all listeners are held until every port is chosen, so the ports
 /// differ from each other.
-pub(crate) fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
-        })
-        .collect();
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners = fixed_range_listeners(n).unwrap_or_else(|| {
+        (0..n)
+            .map(|_| {
+                TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                    .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0 to find a free port: {e}"))
+            })
+            .collect()
+    });
     listeners
         .iter()
         .map(|l| {
@@ -105,6 +109,35 @@ pub(crate) fn free_ports(n: usize) -> Vec<u16> {
                 .port()
         })
         .collect()
+}
+
+/// The lowest port of the range the kernel hands out to outgoing connections.
+fn ephemeral_floor() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// `n` listeners on ports between 10 000 and the ephemeral range, tried from a random start;
+/// `None` when that range is too small or too busy.
+fn fixed_range_listeners(n: usize) -> Option<Vec<TcpListener>> {
+    use std::hash::{BuildHasher, RandomState};
+    const FLOOR: u16 = 10_000;
+    let ceiling = ephemeral_floor();
+    let span = ceiling.checked_sub(FLOOR).filter(|&s| s >= 1_000)?;
+    let start = RandomState::new().hash_one(std::process::id()) % u64::from(span);
+    let mut listeners = Vec::with_capacity(n);
+    for i in 0..u64::from(span) {
+        if listeners.len() == n {
+            break;
+        }
+        let port = FLOOR + u16::try_from((start + i) % u64::from(span)).ok()?;
+        if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            listeners.push(l);
+        }
+    }
+    (listeners.len() == n).then_some(listeners)
 }
 
 /// Polls `check` every [`POLL_INTERVAL`] until it returns `Ok`, and returns that value.
@@ -258,8 +291,9 @@ mod tests {
     }
 
     #[test]
-    fn free_ports_are_distinct() {
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
         let ports = free_ports(8);
+        assert!(ports.iter().all(|&p| p < ephemeral_floor()), "{ports:?}");
         let mut unique = ports.clone();
         unique.sort_unstable();
         unique.dedup();

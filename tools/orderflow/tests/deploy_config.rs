@@ -5,7 +5,6 @@
 //! describe (lame duck mode, then the two health checks) without losing a message.
 #![allow(clippy::unwrap_used, clippy::too_many_lines, missing_docs)]
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -47,16 +46,9 @@ struct Ports {
     monitor: u16,
 }
 
-/// Distinct free loopback ports for every node (all bound at once, so none repeats).
+/// Distinct free loopback ports for every node.
 fn free_ports() -> Vec<Ports> {
-    let listeners: Vec<TcpListener> = (0..NODES * 3)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    ports
+    orderflow_testkit::free_ports(NODES * 3)
         .chunks(3)
         .map(|p| Ports {
             client: p[0],
