@@ -124,19 +124,16 @@ fn ephemeral_floor() -> u16 {
 fn fixed_range_listeners(n: usize) -> Option<Vec<TcpListener>> {
     use std::hash::{BuildHasher, RandomState};
     const FLOOR: u16 = 10_000;
-    let ceiling = ephemeral_floor();
-    let span = ceiling.checked_sub(FLOOR).filter(|&s| s >= 1_000)?;
-    let start = RandomState::new().hash_one(std::process::id()) % u64::from(span);
-    let mut listeners = Vec::with_capacity(n);
-    for i in 0..u64::from(span) {
-        if listeners.len() == n {
-            break;
-        }
-        let port = FLOOR + u16::try_from((start + i) % u64::from(span)).ok()?;
-        if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
-            listeners.push(l);
-        }
-    }
+    let span = ephemeral_floor()
+        .checked_sub(FLOOR)
+        .filter(|&s| s >= 1_000)?;
+    let span = u64::from(span);
+    let start = RandomState::new().hash_one(std::process::id()) % span;
+    let listeners: Vec<TcpListener> = (0..span)
+        .filter_map(|i| u16::try_from((start + i) % span).ok())
+        .filter_map(|offset| TcpListener::bind((Ipv4Addr::LOCALHOST, FLOOR + offset)).ok())
+        .take(n)
+        .collect();
     (listeners.len() == n).then_some(listeners)
 }
 
