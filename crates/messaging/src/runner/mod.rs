@@ -200,9 +200,13 @@ impl<H: Handler> ConsumerRunner<H> {
             let watchdog = tokio::spawn(
                 watch(shared.clone(), consumer.clone(), shutdown.child_token()).in_current_span(),
             );
+            // The workers of one set end together: one giving up (its consumer deleted,
+            // JetStream not answering) stops the others, and the set is started afresh.
+            let generation = shutdown.child_token();
             let workers = (0..shared.config.workers.max(1)).map(|_| {
                 tokio::spawn(
-                    pull_loop(shared.clone(), consumer.clone(), shutdown.clone()).in_current_span(),
+                    pull_loop(shared.clone(), consumer.clone(), generation.clone())
+                        .in_current_span(),
                 )
             });
             let results = join_all(workers).await;
@@ -262,6 +266,8 @@ async fn pull_loop<H: Handler>(
     consumer: jetstream::consumer::PullConsumer,
     shutdown: CancellationToken,
 ) {
+    // Whichever way this worker ends, its siblings end with it.
+    let _end_the_set = shutdown.clone().drop_guard();
     let spec = &shared.config.consumer;
     let batch_size = shared.config.batch_size.max(1);
     let mut messages = match consumer
