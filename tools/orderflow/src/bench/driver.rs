@@ -600,15 +600,9 @@ async fn open_loop(
     end: Instant,
     rate: f64,
 ) {
-    let interval = Duration::from_secs_f64(1.0 / rate);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut seq: u64 = 0;
-    loop {
-        let intended = start + interval.mul_f64(seq as f64);
-        if intended >= end {
-            break;
-        }
-        tokio::time::sleep_until(intended).await;
+    let mut ticks = pace(start, end, rate);
+    while let Some((seq, intended)) = ticks.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -621,10 +615,42 @@ async fn open_loop(
             }
             drop(permit);
         });
-        seq += 1;
     }
     // Wait until every send got its answer.
     let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
+}
+
+/// The open loop's schedule: item `seq` is due at `start + seq / rate`. A thread of its own
+/// sleeps until each due time and hands the item over. tokio's timer rounds every sleep up
+/// to the next millisecond, which would send each item up to a millisecond late and add that
+/// to every latency measured from the due time; a thread's sleep wakes within tens of
+/// microseconds.
+fn pace(
+    start: Instant,
+    end: Instant,
+    rate: f64,
+) -> tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    std::thread::Builder::new()
+        .name("bench-pacer".into())
+        .spawn(move || {
+            for seq in 0u64.. {
+                let due = start + interval.mul_f64(seq as f64);
+                if due >= end {
+                    break;
+                }
+                std::thread::sleep(
+                    due.into_std()
+                        .saturating_duration_since(std::time::Instant::now()),
+                );
+                if tx.send((seq, due)).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("the bench can start a thread");
+    rx
 }
 
 async fn closed_loop(target: &Target, tracker: &Arc<Tracker>, end: Instant, concurrency: usize) {
