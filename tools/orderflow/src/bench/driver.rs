@@ -632,24 +632,21 @@ fn pace(
 ) -> tokio::sync::mpsc::UnboundedReceiver<(u64, Instant)> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let interval = Duration::from_secs_f64(1.0 / rate);
-    std::thread::Builder::new()
-        .name("bench-pacer".into())
-        .spawn(move || {
-            for seq in 0u64.. {
-                let due = start + interval.mul_f64(seq as f64);
-                if due >= end {
-                    break;
-                }
-                std::thread::sleep(
-                    due.into_std()
-                        .saturating_duration_since(std::time::Instant::now()),
-                );
-                if tx.send((seq, due)).is_err() {
-                    break;
-                }
+    std::thread::spawn(move || {
+        for seq in 0u64.. {
+            let due = start + interval.mul_f64(seq as f64);
+            if due >= end {
+                break;
             }
-        })
-        .expect("the bench can start a thread");
+            std::thread::sleep(
+                due.into_std()
+                    .saturating_duration_since(std::time::Instant::now()),
+            );
+            if tx.send((seq, due)).is_err() {
+                break;
+            }
+        }
+    });
     rx
 }
 
