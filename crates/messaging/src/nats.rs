@@ -17,7 +17,8 @@ use crate::MessagingError;
 /// How to reach NATS.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// One server URL or several separated by commas (`nats://a:4222,nats://b:4222`).
+    /// One server URL or several separated by commas (`nats://a:4222,nats://b:4222`). May
+    /// hold credentials: print it through `orderflow_store::redact`.
     pub url: String,
     /// The client name shown in the server's connection list (the service name).
     pub client_name: String,
@@ -54,7 +55,10 @@ impl Nats {
             .map(|s| s.trim().parse())
             .collect::<Result<_, _>>()
             .map_err(|e| {
-                MessagingError::Connect(format!("invalid NATS URL {:?}: {e}", config.url))
+                MessagingError::Connect(format!(
+                    "invalid NATS URL {:?}: {e}",
+                    orderflow_store::redact(&config.url)
+                ))
             })?;
         let name = config.client_name.clone();
         let client = async_nats::ConnectOptions::new()
@@ -74,7 +78,7 @@ impl Nats {
         Ok(Self {
             client,
             js,
-            url: config.url.clone(),
+            url: orderflow_store::redact(&config.url),
         })
     }
 
@@ -105,7 +109,7 @@ impl Nats {
         self.client.connection_state() == State::Connected
     }
 
-    /// The configured URL(s).
+    /// The configured URL(s), credentials redacted: safe for logs, errors and probe bodies.
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -6,10 +6,13 @@
 //! setting.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use orderflow_messaging::TopologySettings;
 use orderflow_store::Durability;
+
+use crate::auth::Secret;
 
 /// The settings every service has. Flatten it into the service's own `clap::Parser`.
 #[derive(Debug, Clone, clap::Args)]
@@ -65,6 +68,18 @@ pub struct CommonConfig {
     /// acknowledged. PostgreSQL: its own `synchronous_commit` decides.
     #[arg(long, env = "ORDERFLOW_DB_DURABILITY", default_value = "full", value_parser = Durability::parse)]
     pub db_durability: Durability,
+
+    /// File holding the operator token that every route of the admin listener except the
+    /// probes and `/metrics` requires as `Authorization: Bearer <token>` (the file's first
+    /// line; at least 16 characters, e.g. from `openssl rand -hex 32`). Without a token
+    /// those routes answer 401.
+    #[arg(long, env = "ORDERFLOW_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The operator token itself, instead of --admin-token-file (prefer the file or the
+    /// environment variable: a flag's value shows in process listings).
+    #[arg(long, env = "ORDERFLOW_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
 
     /// How long graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]

@@ -7,10 +7,17 @@
 //! ServiceHost::connect(..)   database (migrated) + NATS client (connects in the background)
 //!   .consumer(durable, handler)           one consumer runner per durable consumer
 //!   .background(name, task)               e.g. a saga deadline sweeper
-//!   .serve(listener, routes)              runs until SIGTERM/SIGINT or shutdown()
+//!   .bind(public, admin)                  binds the listeners: an Application
+//!   .run_until_stopped()                  runs until SIGTERM/SIGINT or its shutdown token
 //! ```
 //!
-//! `serve` starts the HTTP server first — `/livez` answers at once and `/readyz` tells the
+//! Every service has an **admin listener** (`--admin-addr`, loopback by default): the
+//! service's operator routes and the dead-letter operations behind the operator token (see
+//! [`crate::auth`]), with the probes and `/metrics` open. A service with a public API (the
+//! order service) also has a **public listener** (`--http-addr`) serving that API and the
+//! probes (readiness without its details) — nothing else.
+//!
+//! `run_until_stopped` starts the HTTP listeners first — `/livez` answers at once and `/readyz` tells the
 //! truth (not ready until NATS is connected and the topology reconciled) — then waits for NATS
 //! within a bound, reconciles the streams and starts the outbox sweeper, the runners and the
 //! background tasks. Shutdown happens in order, within `--shutdown-timeout`: readiness turns
@@ -19,6 +26,7 @@
 //! and the database closes.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,8 +44,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::auth::{OperatorToken, require_operator};
 use crate::config::CommonConfig;
-use crate::http::{Readiness, probe_routes, request_context};
+use crate::http::{
+    Readiness, metrics_route, probe_routes, request_context, with_problem_fallbacks,
+};
 use crate::telemetry;
 
 type Task = Box<dyn FnOnce(CancellationToken) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
@@ -55,6 +66,7 @@ pub struct ServiceHost {
     deferred: Vec<(String, Task)>,
     stop: CancellationToken,
     span: tracing::Span,
+    operator_token: OperatorToken,
 }
 
 impl ServiceHost {
@@ -67,6 +79,11 @@ impl ServiceHost {
         migrations: &'static [Migration],
     ) -> anyhow::Result<Self> {
         telemetry::init_tracing(&common.log_format);
+        let operator_token = OperatorToken::from_settings(
+            common.admin_token_file.as_deref(),
+            common.admin_token.as_ref(),
+        )
+        .map_err(anyhow::Error::msg)?;
         let span = tracing::info_span!("service", service = name);
         let metrics = telemetry::metrics_handle();
         metrics::gauge!(telemetry::BUILD_INFO, "service" => name, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -104,7 +121,7 @@ impl ServiceHost {
             .with_context(|| {
                 format!(
                     "setting up the NATS client (--nats-url {})",
-                    common.nats_url
+                    orderflow_store::redact(&common.nats_url)
                 )
             })?;
 
@@ -138,6 +155,7 @@ impl ServiceHost {
             deferred: Vec::new(),
             stop: CancellationToken::new(),
             span,
+            operator_token,
         };
         // Messages JetStream gave up on are dead-lettered from its advisories, on the same
         // runner as every consumer.
@@ -219,14 +237,26 @@ impl ServiceHost {
             .push((name.to_owned(), Box::new(move |stop| Box::pin(task(stop)))));
     }
 
-    /// Serves `routes` (plus the probes) on `listener` and runs everything until SIGTERM,
-    /// SIGINT or [`ServiceHost::shutdown_token`] is cancelled; then shuts down in order.
-    pub async fn serve(self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
-        let span = self.span.clone();
-        self.serve_inner(listener, routes).instrument(span).await
+    /// Binds the listeners: the public one (`--http-addr`) with the service's public routes
+    /// when it has any, and the admin one (`--admin-addr`) with its operator routes.
+    pub async fn bind(
+        self,
+        public: Option<(SocketAddr, Router)>,
+        admin: (SocketAddr, Router),
+    ) -> anyhow::Result<Application> {
+        let public = match public {
+            Some((addr, routes)) => Some(Listener::bind(addr, "--http-addr", routes).await?),
+            None => None,
+        };
+        let admin = Listener::bind(admin.0, "--admin-addr", admin.1).await?;
+        Ok(Application {
+            host: self,
+            public,
+            admin,
+        })
     }
 
-    async fn serve_inner(self, listener: TcpListener, routes: Router) -> anyhow::Result<()> {
+    async fn serve_inner(self, public: Option<Listener>, admin: Listener) -> anyhow::Result<()> {
         let Self {
             name,
             common,
@@ -239,39 +269,37 @@ impl ServiceHost {
             deferred,
             stop,
             span,
+            operator_token,
         } = self;
         let accepting = flag_check(&readiness, "accepting", true, "shutting down");
         let topology_ready =
             flag_check(&readiness, "topology", false, "streams not reconciled yet");
 
         let metrics = telemetry::metrics_handle();
-        let app = routes
-            .merge(probe_routes(readiness.clone(), metrics.clone()))
-            .merge(crate::admin::dead_letter_routes(
-                orderflow_messaging::DeadLetters::new(&nats),
-            ))
-            .layer(axum::middleware::from_fn(request_context));
-        let addr = listener
-            .local_addr()
-            .context("reading the HTTP listener's address")?;
-        tracing::info!(%addr, "HTTP listening");
-
+        let apps = http_apps(public, admin, operator_token, &readiness, &nats, &metrics);
         // Intake: HTTP, consumers, background tasks. The sweeper has its own token: it stops
         // last, flushing what the others committed.
         let workers = TaskTracker::new();
         let sweeper_tasks = TaskTracker::new();
         let sweeper_stop = CancellationToken::new();
-        let http_stop = stop.clone();
-        workers.spawn(
-            async move {
-                let server =
-                    axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
-                if let Err(e) = server.await {
-                    tracing::error!(error = %e, "HTTP server failed");
+        for (which, listener, app) in apps {
+            let app = with_problem_fallbacks(app).layer(axum::middleware::from_fn(request_context));
+            let addr = listener
+                .local_addr()
+                .context("reading the HTTP listener's address")?;
+            tracing::info!(%addr, listener = which, "HTTP listening");
+            let http_stop = stop.clone();
+            workers.spawn(
+                async move {
+                    let server = axum::serve(listener, app)
+                        .with_graceful_shutdown(http_stop.cancelled_owned());
+                    if let Err(e) = server.await {
+                        tracing::error!(error = %e, listener = which, "HTTP server failed");
+                    }
                 }
-            }
-            .instrument(span.clone()),
-        );
+                .instrument(span.clone()),
+            );
+        }
         let upkeep_stop = stop.clone();
         workers.spawn(async move {
             loop {
@@ -325,6 +353,108 @@ impl ServiceHost {
         db.close().await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// The listeners with what each serves: on the admin listener the service's operator routes
+/// and the dead-letter operations behind the operator token, the probes and `/metrics` open;
+/// on the public listener the public routes and the probes without details.
+fn http_apps(
+    public: Option<Listener>,
+    admin: Listener,
+    operator_token: OperatorToken,
+    readiness: &Readiness,
+    nats: &Nats,
+    metrics: &metrics_exporter_prometheus::PrometheusHandle,
+) -> Vec<(&'static str, TcpListener, Router)> {
+    if !operator_token.is_configured() {
+        tracing::warn!(
+            "no operator token configured (--admin-token-file or ORDERFLOW_ADMIN_TOKEN): \
+             the admin routes answer 401 to everyone"
+        );
+    }
+    let admin_app = admin
+        .routes
+        .merge(crate::admin::dead_letter_routes(
+            orderflow_messaging::DeadLetters::new(nats),
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            operator_token,
+            require_operator,
+        ))
+        .merge(probe_routes(readiness.clone(), true))
+        .merge(metrics_route(metrics.clone()));
+    let mut apps = vec![("admin", admin.listener, admin_app)];
+    if let Some(public) = public {
+        let public_app = public.routes.merge(probe_routes(readiness.clone(), false));
+        apps.push(("public", public.listener, public_app));
+    }
+    apps
+}
+
+/// A bound listener and what it serves.
+struct Listener {
+    listener: TcpListener,
+    routes: Router,
+}
+
+impl Listener {
+    async fn bind(addr: SocketAddr, flag: &str, routes: Router) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {flag} {addr}"))?;
+        Ok(Self { listener, routes })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+/// A service built and bound, ready to run: what each service's `build` returns, what its
+/// `main` runs and what tests start in-process (ask for port 0, read the addresses back).
+pub struct Application {
+    host: ServiceHost,
+    public: Option<Listener>,
+    admin: Listener,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("service", &self.host.name)
+            .field("public", &self.public_addr())
+            .field("admin", &self.admin_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Where the public API listens, for a service that has one.
+    pub fn public_addr(&self) -> Option<SocketAddr> {
+        self.public.as_ref().map(Listener::addr)
+    }
+
+    /// Where the admin routes, probes and metrics listen.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
+    }
+
+    /// A token that stops the service when cancelled (as SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.host.shutdown_token()
+    }
+
+    /// Runs until SIGTERM/SIGINT or the [`Application::shutdown_token`], then shuts down in
+    /// order (stop intake, settle in-flight messages, flush the outbox, drain NATS).
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let span = self.host.span.clone();
+        self.host
+            .serve_inner(self.public, self.admin)
+            .instrument(span)
+            .await
     }
 }
 

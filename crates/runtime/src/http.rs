@@ -76,16 +76,24 @@ impl Readiness {
     }
 }
 
-/// `/livez`, `/readyz` (and its alias `/health`), `/metrics`.
-pub fn probe_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
+/// `/livez`, `/readyz` and its alias `/health`. With `detailed`, the readiness body names
+/// every check and why it fails (the admin listener); without, only the verdict (the public
+/// listener: no internals for whoever can reach it).
+pub fn probe_routes(readiness: Readiness, detailed: bool) -> Router {
     let ready = move || {
         let readiness = readiness.clone();
         async move {
             let (ok, checks) = readiness.check().await;
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "status": if ok { "ready" } else { "not_ready" },
-                "checks": checks.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect::<serde_json::Map<_, _>>(),
             });
+            if detailed {
+                body["checks"] = checks
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
             let status = if ok {
                 StatusCode::OK
             } else {
@@ -101,21 +109,39 @@ pub fn probe_routes(readiness: Readiness, metrics: PrometheusHandle) -> Router {
         )
         .route("/readyz", get(ready.clone()))
         .route("/health", get(ready))
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        metrics.render(),
-                    )
-                }
-            }),
-        )
+}
+
+/// `/metrics` in the Prometheus text format.
+pub fn metrics_route(metrics: PrometheusHandle) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    )
+}
+
+/// Answers unknown routes and wrong methods with problem bodies, as every other error.
+pub fn with_problem_fallbacks(router: Router) -> Router {
+    router
+        .fallback(|| async { not_found("this route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+                "this route does not answer this method",
+            )
+        })
 }
 
 /// Correlation and trace context of one request, put in the request's extensions by

@@ -7,17 +7,20 @@
 //! - [`http`]: the probe routes (`/livez`, `/readyz`, `/health`, `/metrics`), HTTP metrics,
 //!   request correlation, and RFC 9457 problem responses;
 //! - [`admin`]: the operator endpoints (dead letters) every service serves;
+//! - [`auth`]: the operator token that guards the admin listener;
 //! - [`host`]: the service host — the composition root's shared half. It connects the
 //!   database and NATS, migrates, reconciles the topology, runs the outbox sweeper, the consumer
-//!   runners and the HTTP server on one task tracker, and shuts them down in order on SIGTERM or
-//!   SIGINT: stop intake, settle in-flight messages, flush the outbox, drain NATS.
+//!   runners and the HTTP listeners (public and admin) on one task tracker, and shuts them
+//!   down in order on SIGTERM or SIGINT: stop intake, settle in-flight messages, flush the
+//!   outbox, drain NATS.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod host;
 pub mod http;
 pub mod telemetry;
 
 pub use config::{CommonConfig, parse_duration};
-pub use host::{ServiceHost, shutdown_signal};
+pub use host::{Application, ServiceHost, shutdown_signal};
 pub use http::{Problem, Readiness};

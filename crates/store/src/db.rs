@@ -566,23 +566,51 @@ impl Db {
     }
 }
 
-/// A URL with its password replaced, for error messages and logs.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
+/// URLs with their credentials replaced, for error messages, logs and probe bodies.
+///
+/// Takes one URL or several separated by commas (a NATS server list). A password in the
+/// user info becomes `***` (the user name stays); user info without a password is a
+/// credential itself on NATS (`nats://token@host`) and is replaced whole, except on
+/// PostgreSQL URLs where it is only the user name; a `password=` query parameter is replaced.
+pub fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = url.find("://") {
+        let authority_end = url[scheme_end + 3..]
+            .find(['/', '?'])
+            .map_or(url.len(), |i| scheme_end + 3 + i);
+        if let Some(at) = url[..authority_end]
+            .rfind('@')
+            .filter(|at| *at > scheme_end)
+        {
             let userinfo = &url[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
+            let scheme = url[..scheme_end].trim().to_ascii_lowercase();
+            let kept = match userinfo.find(':') {
+                Some(colon) => format!("{}:***", &userinfo[..colon]),
+                None if scheme.starts_with("postgres") => userinfo.to_owned(),
+                None => "***".to_owned(),
+            };
+            out = format!("{}{kept}{}", &url[..scheme_end + 3], &url[at..]);
         }
-        _ => url.to_owned(),
     }
+    if let Some(query) = out.find('?') {
+        let (head, params) = out.split_at(query + 1);
+        let params: Vec<String> = params
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -594,6 +622,18 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("mysql://x"), "mysql://x");
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=secret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("nats://s3cr3t@a:4222, nats://svc:pw@b:4222,nats://c:4222"),
+            "nats://***@a:4222, nats://svc:***@b:4222,nats://c:4222"
+        );
+        assert_eq!(
+            redact("sqlite://x@y.db?mode=rwc"),
+            "sqlite://***@y.db?mode=rwc"
+        );
     }
 
     #[test]

@@ -69,6 +69,25 @@ pub use sqlite::TempSqlite;
 /// How often [`eventually`] and the readiness waits re-check their condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The operator token the tests give the services they start (`--admin-token`), and send as
+/// `Authorization: Bearer` to the admin listeners.
+pub const ADMIN_TOKEN: &str = "orderflow-test-operator-token";
+
+/// An HTTP client that sends the tests' operator token with every request.
+pub fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&bearer).expect("the test token is a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client builds")
+}
+
 /// The workspace root directory (the one holding the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -8,7 +8,8 @@
 //! - [`domain`]: the reservation decision and statuses, no IO;
 //! - [`store`]: the tables;
 //! - [`handlers`]: the consumers of `ORDERS` and `PAYMENTS`;
-//! - [`api`]: the admin HTTP API (`/v1/products…`).
+//! - [`api`]: the admin HTTP API (`/v1/products…`), on the admin listener behind the operator
+//!   token.
 
 pub mod api;
 pub mod domain;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use orderflow_contracts::names::consumers;
+pub use orderflow_runtime::Application;
 use orderflow_runtime::config::parse_addr;
 use orderflow_runtime::{CommonConfig, ServiceHost};
 use orderflow_store::Migration;
@@ -39,9 +41,10 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     about = "orderflow inventory service: catalog, stock, reservations"
 )]
 pub struct Config {
-    /// Address of the admin HTTP API and the probes.
-    #[arg(long, env = "ORDERFLOW_HTTP_ADDR", default_value = "127.0.0.1:8081", value_parser = parse_addr)]
-    pub http_addr: SocketAddr,
+    /// Address of the admin listener: the catalog and stock routes (behind the operator
+    /// token), dead letters, the probes and `/metrics`. The service has no public API.
+    #[arg(long, env = "ORDERFLOW_ADMIN_ADDR", default_value = "127.0.0.1:9081", value_parser = parse_addr)]
+    pub admin_addr: SocketAddr,
 
     /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
     #[arg(
@@ -60,8 +63,9 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
-/// Runs the service until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Builds the service and binds its admin listener (port 0 picks a free one; read it back
+/// from the [`Application`]).
+pub async fn build(config: Config) -> anyhow::Result<Application> {
     let mut host = ServiceHost::connect(
         "inventory-service",
         &config.common,
@@ -81,9 +85,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     host.consumer(consumers::INVENTORY_ORDERS, handlers::OrdersHandler)?;
     host.consumer(consumers::INVENTORY_PAYMENTS, handlers::PaymentsHandler)?;
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
     let routes = api::routes(host.db().clone());
-    host.serve(listener, routes).await
+    host.bind(None, (config.admin_addr, routes)).await
+}
+
+/// Runs the service until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    build(config).await?.run_until_stopped().await
 }

@@ -16,7 +16,8 @@ use orderflow_contracts::{
 };
 use orderflow_messaging::{Nats, NatsConfig, Publisher, Topology, TopologySettings};
 use orderflow_testkit::{
-    ChildProcess, NatsServer, TestDb, eventually, free_port, on_every_backend,
+    ADMIN_TOKEN, ChildProcess, NatsServer, TestDb, admin_client, eventually, free_port,
+    on_every_backend,
 };
 use serde_json::Value;
 
@@ -134,7 +135,8 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
         Vec::<String>::new(),
         [
             ("ORDERFLOW_NATS_URL", nats_server.url()),
-            ("ORDERFLOW_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+            ("ORDERFLOW_ADMIN_ADDR", format!("127.0.0.1:{http_port}")),
+            ("ORDERFLOW_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
             ("ORDERFLOW_DATABASE_URL", db.url().to_owned()),
             ("ORDERFLOW_LOG_FORMAT", "json".to_owned()),
             // One puller, so the stream's order is the order of decisions (with two, a
@@ -142,7 +144,7 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
             ("ORDERFLOW_CONSUMER_WORKERS", "1".to_owned()),
         ],
     );
-    let http = reqwest::Client::new();
+    let http = admin_client();
     let product = |id: &str| {
         let (http, url) = (
             http.clone(),

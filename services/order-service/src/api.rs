@@ -1,10 +1,14 @@
-//! The public HTTP API: place orders, read them back.
+//! The order service's HTTP routes: the public API, and the operators' reads.
 //!
-//! | method and path | what |
-//! |---|---|
-//! | `POST /v1/orders` | place an order: `202 Accepted`, `Location: /v1/orders/{id}` |
-//! | `GET /v1/orders/{id}` | an order with its status, amounts and timeline |
-//! | `GET /v1/orders` | orders newest first; filters `status`, `customer_id`; `limit`, `cursor` |
+//! | method and path | listener | what |
+//! |---|---|---|
+//! | `POST /v1/orders` | public | place an order: `202 Accepted`, `Location: /v1/orders/{id}` |
+//! | `GET /v1/orders/{id}` | public, admin | an order with its status, amounts and timeline |
+//! | `GET /v1/orders` | admin | orders newest first; filters `status`, `customer_id`; `limit`, `cursor` |
+//!
+//! Listing orders shows every customer's orders: it is an operator operation, served on the
+//! admin listener behind the operator token only. A customer reads an order by its id (a
+//! random UUID the customer got when placing it).
 //!
 //! Errors are `application/problem+json` with a stable `code` and, for validation, every
 //! offending field as a JSON pointer. Nothing is stored or published for a rejected request.
@@ -17,7 +21,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use orderflow_contracts::OrderId;
 use orderflow_messaging::Outbox;
 use orderflow_runtime::Problem;
@@ -41,12 +45,20 @@ pub struct Api {
     pub outbox: Outbox,
 }
 
-/// The routes.
-pub fn routes(api: Api) -> Router {
+/// The public listener's routes: place an order, read one.
+pub fn public_routes(api: Api) -> Router {
     Router::new()
-        .route("/v1/orders", get(list).post(place))
+        .route("/v1/orders", post(place))
         .route("/v1/orders/{order_id}", get(show))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+/// The admin listener's routes: list orders, read one.
+pub fn admin_routes(api: Api) -> Router {
+    Router::new()
+        .route("/v1/orders", get(list))
+        .route("/v1/orders/{order_id}", get(show))
         .with_state(api)
 }
 

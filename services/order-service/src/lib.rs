@@ -23,8 +23,8 @@ pub mod store;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use orderflow_contracts::names::consumers;
+pub use orderflow_runtime::Application;
 use orderflow_runtime::config::{parse_addr, parse_duration};
 use orderflow_runtime::{CommonConfig, ServiceHost};
 use orderflow_store::Migration;
@@ -45,9 +45,14 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     about = "orderflow order service: the public API and the saga's end states"
 )]
 pub struct Config {
-    /// Address of the public HTTP API and the probes.
+    /// Address of the public HTTP API (placing orders, reading one back) and the probes.
     #[arg(long, env = "ORDERFLOW_HTTP_ADDR", default_value = "127.0.0.1:8080", value_parser = parse_addr)]
     pub http_addr: SocketAddr,
+
+    /// Address of the admin listener: listing orders, dead letters (behind the operator
+    /// token), the probes and `/metrics`. Keep it off the public network.
+    #[arg(long, env = "ORDERFLOW_ADMIN_ADDR", default_value = "127.0.0.1:9080", value_parser = parse_addr)]
+    pub admin_addr: SocketAddr,
 
     /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
     #[arg(
@@ -71,8 +76,9 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
-/// Runs the service until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Builds the service and binds its listeners (port 0 picks free ones; read them back from
+/// the [`Application`]).
+pub async fn build(config: Config) -> anyhow::Result<Application> {
     let mut host = ServiceHost::connect(
         "order-service",
         &config.common,
@@ -93,11 +99,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     host.background("saga deadline", move |stop| {
         saga::run_deadline_sweep(outbox, deadline, every, stop)
     });
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
-    let routes = api::routes(api::Api {
+    let api = api::Api {
         outbox: host.outbox().clone(),
-    });
-    host.serve(listener, routes).await
+    };
+    host.bind(
+        Some((config.http_addr, api::public_routes(api.clone()))),
+        (config.admin_addr, api::admin_routes(api)),
+    )
+    .await
+}
+
+/// Runs the service until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    build(config).await?.run_until_stopped().await
 }

@@ -39,7 +39,7 @@ use orderflow_messaging::{
 };
 use orderflow_store::{Db, DbOptions, StoreError};
 use orderflow_testkit::{
-    ChildProcess, NatsServer, TestDb, eventually, free_port, on_every_backend,
+    ChildProcess, NatsServer, TestDb, eventually, free_ports, on_every_backend,
 };
 
 /// How long the helpers wait for something that should happen.
@@ -543,10 +543,11 @@ async fn the_service_applies_real_batches(db: TestDb) {
         .unwrap();
     }
 
-    let port = free_port();
+    let [port, admin_port] = free_ports(2).try_into().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_order-service"));
     command
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
         .args(["--database-url", db.url()])
         .args(["--saga-deadline", "1h"])
         .env("ORDERFLOW_NATS_URL", nats_server.url())
@@ -608,7 +609,7 @@ async fn the_service_applies_real_batches(db: TestDb) {
 
     // Real batches, applied whole: fewer batches than messages, every message acked, and no
     // batch rolled back to be applied message by message.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .await
         .unwrap()
         .text()

@@ -28,14 +28,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
 use orderflow_contracts::names::consumers;
+pub use orderflow_runtime::Application;
 use orderflow_runtime::config::{parse_addr, parse_duration};
 use orderflow_runtime::{CommonConfig, ServiceHost};
 use orderflow_store::Migration;
 use reqwest::Url;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::provider::{Provider, ProviderConfig};
@@ -67,9 +65,10 @@ pub const ORDER_SAGA_DEADLINE_DEFAULT: Duration = Duration::from_mins(1);
     about = "orderflow payment service: charges reserved orders, refunds cancelled ones"
 )]
 pub struct Config {
-    /// Address of the admin HTTP API and the probes.
-    #[arg(long, env = "ORDERFLOW_HTTP_ADDR", default_value = "127.0.0.1:8082", value_parser = parse_addr)]
-    pub http_addr: SocketAddr,
+    /// Address of the admin listener: payments and the breaker (behind the operator token),
+    /// dead letters, the probes and `/metrics`. The service has no public API.
+    #[arg(long, env = "ORDERFLOW_ADMIN_ADDR", default_value = "127.0.0.1:9082", value_parser = parse_addr)]
+    pub admin_addr: SocketAddr,
 
     /// Database URL: `sqlite://path?mode=rwc` or `postgres://…`.
     #[arg(
@@ -174,104 +173,54 @@ fn parse_provider_url(s: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// The service, built and bound but not yet running: [`Application::build`], then
-/// [`Application::port`], then [`Application::run_until_stopped`].
-pub struct Application {
-    host: ServiceHost,
-    listener: TcpListener,
-    routes: Router,
-    port: u16,
-}
-
-impl std::fmt::Debug for Application {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application")
-            .field("port", &self.port)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Application {
-    /// Connects and migrates the database, sets up the provider client, the consumers and the
-    /// reconciler, and binds the HTTP listener (port 0 picks a free port).
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let mut host = ServiceHost::connect(
-            "payment-service",
-            &config.common,
-            &config.database_url,
-            MIGRATIONS,
-        )
-        .await?;
-        if config.payment_deadline >= ORDER_SAGA_DEADLINE_DEFAULT {
-            tracing::warn!(
-                payment_deadline_s = config.payment_deadline.as_secs(),
-                saga_deadline_default_s = ORDER_SAGA_DEADLINE_DEFAULT.as_secs(),
-                "--payment-deadline is not below the order service's default saga deadline: \
-                 orders may time out before their payment fails"
-            );
-        }
-        let breaker = CircuitBreaker::new(config.breaker());
-        let provider = Provider::new(&config.provider(), breaker.clone()).context(
-            "setting up the payment provider client (--provider-url, --provider-timeout)",
-        )?;
-
-        let mut charging = host.runner_config(consumers::PAYMENT_INVENTORY)?;
-        charging.consumer.max_deliver = domain::charge_max_deliver(
-            config.payment_deadline,
-            CHARGE_MIN_MAX_DELIVER.max(charging.consumer.max_deliver),
+/// Connects and migrates the database, sets up the provider client, the consumers and the
+/// reconciler, and binds the admin listener (port 0 picks a free one; read it back from the
+/// [`Application`]).
+pub async fn build(config: Config) -> anyhow::Result<Application> {
+    let mut host = ServiceHost::connect(
+        "payment-service",
+        &config.common,
+        &config.database_url,
+        MIGRATIONS,
+    )
+    .await?;
+    if config.payment_deadline >= ORDER_SAGA_DEADLINE_DEFAULT {
+        tracing::warn!(
+            payment_deadline_s = config.payment_deadline.as_secs(),
+            saga_deadline_default_s = ORDER_SAGA_DEADLINE_DEFAULT.as_secs(),
+            "--payment-deadline is not below the order service's default saga deadline: \
+             orders may time out before their payment fails"
         );
-        let charge_handler = handlers::ChargeHandler::new(
-            host.db().clone(),
-            provider.clone(),
-            config.payment_deadline,
-        );
-        host.consumer_with(charge_handler, charging);
-        host.consumer(consumers::PAYMENT_ORDERS, handlers::CancelHandler)?;
-
-        let reconciler = Reconciler::new(
-            host.db().clone(),
-            host.outbox().clone(),
-            provider,
-            config.reconciler(),
-        );
-        host.background("payment reconciler", move |stop| reconciler.run(stop));
-
-        let listener = TcpListener::bind(config.http_addr)
-            .await
-            .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
-        let port = listener
-            .local_addr()
-            .context("reading the HTTP listener's address")?
-            .port();
-        let routes = api::routes(host.db().clone(), breaker);
-        Ok(Self {
-            host,
-            listener,
-            routes,
-            port,
-        })
     }
+    let breaker = CircuitBreaker::new(config.breaker());
+    let provider = Provider::new(&config.provider(), breaker.clone())
+        .context("setting up the payment provider client (--provider-url, --provider-timeout)")?;
 
-    /// The port the admin API listens on.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
+    let mut charging = host.runner_config(consumers::PAYMENT_INVENTORY)?;
+    charging.consumer.max_deliver = domain::charge_max_deliver(
+        config.payment_deadline,
+        CHARGE_MIN_MAX_DELIVER.max(charging.consumer.max_deliver),
+    );
+    let charge_handler =
+        handlers::ChargeHandler::new(host.db().clone(), provider.clone(), config.payment_deadline);
+    host.consumer_with(charge_handler, charging);
+    host.consumer(consumers::PAYMENT_ORDERS, handlers::CancelHandler)?;
 
-    /// A token that stops the service when cancelled (as SIGTERM does).
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.host.shutdown_token()
-    }
+    let reconciler = Reconciler::new(
+        host.db().clone(),
+        host.outbox().clone(),
+        provider,
+        config.reconciler(),
+    );
+    host.background("payment reconciler", move |stop| reconciler.run(stop));
 
-    /// Runs until SIGTERM/SIGINT or the [`Application::shutdown_token`], then shuts down in
-    /// order (stop intake, settle in-flight messages, flush the outbox, drain NATS).
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.host.serve(self.listener, self.routes).await
-    }
+    let routes = api::routes(host.db().clone(), breaker);
+    host.bind(None, (config.admin_addr, routes)).await
 }
 
 /// Runs the service until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    Application::build(config).await?.run_until_stopped().await
+    build(config).await?.run_until_stopped().await
 }
 
 #[cfg(test)]

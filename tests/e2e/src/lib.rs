@@ -117,30 +117,58 @@ impl Default for Options {
 
 struct Proc {
     env: Vec<(String, String)>,
+    /// The port of the service's main listener: the order service's public API, the other
+    /// services' admin listener, the simulator's API.
     port: u16,
+    /// The port of the admin listener (the same as `port` for a service without a public API).
+    admin_port: u16,
     child: Option<ChildProcess>,
 }
 
 impl Proc {
-    /// The same process settings on another port (a replica).
-    fn replica(&self) -> Self {
+    /// A process listening on `port` (and `admin_port`, for the order service's second
+    /// listener), with `env` and the addresses' variables.
+    fn new(service: Service, mut env: Vec<(String, String)>) -> Self {
         let port = free_port();
-        let env = self
-            .env
-            .iter()
-            .map(|(k, v)| {
-                if k == "ORDERFLOW_HTTP_ADDR" {
-                    (k.clone(), format!("127.0.0.1:{port}"))
-                } else {
-                    (k.clone(), v.clone())
-                }
-            })
-            .collect();
+        let admin_port = if service == Service::Order {
+            free_port()
+        } else {
+            port
+        };
+        env.extend(listen_env(service, port, admin_port));
         Self {
             env,
             port,
+            admin_port,
             child: None,
         }
+    }
+
+    /// The same process settings on other ports (a replica).
+    fn replica(&self, service: Service) -> Self {
+        let env = self
+            .env
+            .iter()
+            .filter(|(k, _)| !k.ends_with("_ADDR"))
+            .cloned()
+            .collect();
+        Self::new(service, env)
+    }
+}
+
+/// The listen-address variables of a service: the order service has a public and an admin
+/// listener, the inventory and payment services an admin listener, the simulator its API.
+fn listen_env(service: Service, port: u16, admin_port: u16) -> Vec<(String, String)> {
+    let addr = |p: u16| format!("127.0.0.1:{p}");
+    match service {
+        Service::Order => vec![
+            ("ORDERFLOW_HTTP_ADDR".to_owned(), addr(port)),
+            ("ORDERFLOW_ADMIN_ADDR".to_owned(), addr(admin_port)),
+        ],
+        Service::Inventory | Service::Payment => {
+            vec![("ORDERFLOW_ADMIN_ADDR".to_owned(), addr(admin_port))]
+        }
+        Service::Provider => vec![("ORDERFLOW_HTTP_ADDR".to_owned(), addr(port))],
     }
 }
 
@@ -381,11 +409,11 @@ impl System {
         let nats = Broker::start(options.nats_cluster, options.nats_sync_always).await;
         let nats_url = nats.url();
         let mut procs = HashMap::new();
-        let common = |port: u16, db: Option<&String>| {
+        let common = |db: Option<&String>| {
             let mut env = vec![
                 (
-                    "ORDERFLOW_HTTP_ADDR".to_owned(),
-                    format!("127.0.0.1:{port}"),
+                    "ORDERFLOW_ADMIN_TOKEN".to_owned(),
+                    orderflow_testkit::ADMIN_TOKEN.to_owned(),
                 ),
                 ("ORDERFLOW_NATS_URL".to_owned(), nats_url.clone()),
                 ("ORDERFLOW_LOG_FORMAT".to_owned(), "json".to_owned()),
@@ -402,26 +430,14 @@ impl System {
             }
             env
         };
-        let proc = |env: Vec<(String, String)>, port: u16| Proc {
-            env,
-            port,
-            child: None,
-        };
-        let provider_port = free_port();
-        procs.insert(
-            Service::Provider,
-            vec![proc(common(provider_port, None), provider_port)],
-        );
-        let inventory_port = free_port();
+        let provider = Proc::new(Service::Provider, common(None));
+        let provider_port = provider.port;
+        procs.insert(Service::Provider, vec![provider]);
         procs.insert(
             Service::Inventory,
-            vec![proc(
-                common(inventory_port, Some(inventory_db)),
-                inventory_port,
-            )],
+            vec![Proc::new(Service::Inventory, common(Some(inventory_db)))],
         );
-        let payment_port = free_port();
-        let mut payment_env = common(payment_port, Some(payments_db));
+        let mut payment_env = common(Some(payments_db));
         payment_env.extend(
             [
                 (
@@ -444,9 +460,11 @@ impl System {
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
-        procs.insert(Service::Payment, vec![proc(payment_env, payment_port)]);
-        let order_port = free_port();
-        let mut order_env = common(order_port, Some(orders_db));
+        procs.insert(
+            Service::Payment,
+            vec![Proc::new(Service::Payment, payment_env)],
+        );
+        let mut order_env = common(Some(orders_db));
         order_env.extend(
             [
                 ("ORDERFLOW_SAGA_DEADLINE", options.saga_deadline.to_owned()),
@@ -454,7 +472,7 @@ impl System {
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
-        procs.insert(Service::Order, vec![proc(order_env, order_port)]);
+        procs.insert(Service::Order, vec![Proc::new(Service::Order, order_env)]);
         assert!(
             options.replicas == 1 || backend == "postgres",
             "replicas need PostgreSQL"
@@ -462,7 +480,7 @@ impl System {
         for s in [Service::Inventory, Service::Payment, Service::Order] {
             let list = procs.get_mut(&s).unwrap();
             for _ in 1..options.replicas {
-                let replica = list[0].replica();
+                let replica = list[0].replica(s);
                 list.push(replica);
             }
         }
@@ -473,10 +491,7 @@ impl System {
             dbs,
             db_urls: urls.clone(),
             postgres,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
+            http: orderflow_testkit::admin_client(),
             backend,
         };
         let all = [
@@ -505,14 +520,28 @@ impl System {
         proc.child = Some(child);
     }
 
-    /// The base URL of a service's first replica.
+    /// The base URL of a service's first replica: the order service's public API, the other
+    /// services' admin listener.
     pub fn url(&self, service: Service) -> String {
         self.replica_url(service, 0)
     }
 
-    /// The base URL of one replica of a service.
+    /// The base URL of one replica of a service (see [`System::url`]).
     pub fn replica_url(&self, service: Service, replica: usize) -> String {
         format!("http://127.0.0.1:{}", self.procs[&service][replica].port)
+    }
+
+    /// The base URL of a service's first replica's admin listener.
+    pub fn admin_url(&self, service: Service) -> String {
+        self.replica_admin_url(service, 0)
+    }
+
+    /// The base URL of one replica's admin listener.
+    pub fn replica_admin_url(&self, service: Service, replica: usize) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.procs[&service][replica].admin_port
+        )
     }
 
     /// How many replicas of a service run.
@@ -523,7 +552,7 @@ impl System {
     /// Waits until `/readyz` of one replica answers 200; fails at once, with the process's
     /// log, if it exits instead.
     pub async fn wait_ready(&mut self, service: Service, replica: usize) {
-        let url = format!("{}/readyz", self.replica_url(service, replica));
+        let url = format!("{}/readyz", self.replica_admin_url(service, replica));
         let deadline = tokio::time::Instant::now() + SETTLE;
         let mut last = String::new();
         while tokio::time::Instant::now() < deadline {
@@ -652,11 +681,11 @@ impl System {
         .await
     }
 
-    /// A GET returning JSON.
+    /// A GET on a service's admin listener (with the operator token) returning JSON.
     pub async fn get_json(&self, service: Service, path: &str) -> Value {
         let response = self
             .http
-            .get(format!("{}{path}", self.url(service)))
+            .get(format!("{}{path}", self.admin_url(service)))
             .send()
             .await
             .unwrap();
@@ -868,10 +897,10 @@ pub fn order_body(customer: &str, items: &[(&str, u32)], payment_method: &str) -
 }
 
 impl System {
-    /// A raw GET on the order service, for status-code checks.
+    /// A raw GET on the order service's admin listener, for status-code checks.
     pub async fn get_json_raw(&self, path: &str) -> reqwest::Response {
         self.http
-            .get(format!("{}{path}", self.url(Service::Order)))
+            .get(format!("{}{path}", self.admin_url(Service::Order)))
             .send()
             .await
             .unwrap()

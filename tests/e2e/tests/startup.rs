@@ -20,7 +20,7 @@ async fn a_service_started_before_nats_becomes_ready_when_it_comes_up() {
                 "ORDERFLOW_NATS_URL",
                 format!("nats://127.0.0.1:{nats_port}"),
             ),
-            ("ORDERFLOW_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+            ("ORDERFLOW_ADMIN_ADDR", format!("127.0.0.1:{http_port}")),
             ("ORDERFLOW_DATABASE_URL", db.url().to_owned()),
             ("ORDERFLOW_LOG_FORMAT", "json".to_owned()),
         ],
@@ -73,6 +73,8 @@ async fn a_service_started_before_nats_becomes_ready_when_it_comes_up() {
 async fn bad_settings_are_named() {
     for (name, value, expected) in [
         ("ORDERFLOW_HTTP_ADDR", "localhost", "--http-addr"),
+        ("ORDERFLOW_ADMIN_ADDR", "localhost", "--admin-addr"),
+        ("ORDERFLOW_ADMIN_TOKEN", "short", "at least 16 characters"),
         ("ORDERFLOW_ACK_WAIT", "soon", "--ack-wait"),
         ("ORDERFLOW_DATABASE_URL", "mysql://x/y", "mysql://x/y"),
     ] {

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use orderflow_runtime::http::{Readiness, probe_routes, request_context};
+use orderflow_runtime::http::{Readiness, metrics_route, probe_routes, request_context};
 use orderflow_runtime::telemetry;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -123,7 +123,8 @@ impl Application {
         });
         let metrics = telemetry::metrics_handle();
         let app = router(simulator)
-            .merge(probe_routes(readiness, metrics.clone()))
+            .merge(probe_routes(readiness, true))
+            .merge(metrics_route(metrics.clone()))
             .layer(axum::middleware::from_fn(request_context));
 
         let upkeep = tokio::spawn(async move {

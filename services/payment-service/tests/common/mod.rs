@@ -99,7 +99,7 @@ pub async fn spawn_app(db: TestDb, options: Options) -> TestApp {
     let client = async_nats::connect(nats_server.url()).await.unwrap();
     let mut app = TestApp {
         port: 0,
-        http: reqwest::Client::new(),
+        http: orderflow_testkit::admin_client(),
         sim,
         publisher: Publisher::new(&nats),
         js: jetstream::new(client),
@@ -138,8 +138,10 @@ impl TestApp {
         let nats_url = self.nats_server.url();
         let args = [
             "payment-service",
-            "--http-addr",
+            "--admin-addr",
             "127.0.0.1:0",
+            "--admin-token",
+            orderflow_testkit::ADMIN_TOKEN,
             "--database-url",
             self.db.url(),
             "--provider-url",
@@ -168,8 +170,8 @@ impl TestApp {
             "5s",
         ];
         let config = payment_service::Config::try_parse_from(args).unwrap();
-        let app = payment_service::Application::build(config).await.unwrap();
-        self.port = app.port();
+        let app = payment_service::build(config).await.unwrap();
+        self.port = app.admin_addr().port();
         self.shutdown = app.shutdown_token();
         self.task = Some(tokio::spawn(app.run_until_stopped()));
         eventually(WAIT, "the payment service to be ready", || async {

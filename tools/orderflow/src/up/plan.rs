@@ -26,12 +26,14 @@ pub const BINARIES: [&str; 4] = [SIMULATOR, INVENTORY, PAYMENT, ORDER];
 /// The simulator's HTTP port.
 const SIMULATOR_PORT: u16 = 8090;
 /// The services in start order (consumers before the service taking orders), each with its
-/// HTTP port and database name.
-const SERVICES: [(&str, u16, &str); 3] = [
-    (INVENTORY, 8081, "inventory"),
-    (PAYMENT, 8082, "payments"),
-    (ORDER, 8080, "orders"),
+/// admin port, its public port (the order service's API) and its database name.
+const SERVICES: [(&str, u16, Option<u16>, &str); 3] = [
+    (INVENTORY, 9081, None, "inventory"),
+    (PAYMENT, 9082, None, "payments"),
+    (ORDER, 9080, Some(8080), "orders"),
 ];
+/// The operator token's file in the data dir (made by `up` when missing).
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// Extra replicas of a service listen this many ports above the previous one.
 const REPLICA_PORT_STEP: u16 = 10;
 /// Nodes of a `--cluster`.
@@ -46,8 +48,12 @@ const PG_USER: &str = "postgres";
 // The services' settings (flags with environment variables of the same name).
 /// NATS URL(s), comma separated.
 const ENV_NATS_URL: &str = "ORDERFLOW_NATS_URL";
-/// HTTP listen address.
+/// Public HTTP listen address (the order service's API, the simulator's).
 const ENV_HTTP_ADDR: &str = "ORDERFLOW_HTTP_ADDR";
+/// Admin listen address.
+const ENV_ADMIN_ADDR: &str = "ORDERFLOW_ADMIN_ADDR";
+/// The operator token's file.
+const ENV_ADMIN_TOKEN_FILE: &str = "ORDERFLOW_ADMIN_TOKEN_FILE";
 /// Database URL.
 const ENV_DATABASE_URL: &str = "ORDERFLOW_DATABASE_URL";
 /// Log format (`pretty` here: a person reads it).
@@ -66,6 +72,8 @@ pub struct Plan {
     pub base_dir: PathBuf,
     /// The data dir, absolute.
     pub data_dir: PathBuf,
+    /// The operator token's file (in the data dir), absolute.
+    pub admin_token_file: PathBuf,
     /// Delete the data dir before starting.
     pub clean: bool,
     /// The storage backend.
@@ -144,8 +152,11 @@ pub struct ProcessPlan {
     pub name: String,
     /// The binary's file name.
     pub binary: &'static str,
-    /// Its HTTP port on 127.0.0.1 (where `/readyz` is).
+    /// Its HTTP port on 127.0.0.1 where `/readyz` is: a service's admin listener, the
+    /// simulator's API.
     pub port: u16,
+    /// The port of its public API, for a service that has one (the order service).
+    pub public_port: Option<u16>,
     /// The environment it is given.
     pub env: Vec<(&'static str, String)>,
 }
@@ -184,7 +195,7 @@ impl Plan {
         let postgres = (args.store == Store::Postgres).then(|| PostgresPlan {
             port: args.pg_port,
             data_dir: data_dir.join("postgres"),
-            databases: SERVICES.iter().map(|&(_, _, db)| db).collect(),
+            databases: SERVICES.iter().map(|&(_, _, _, db)| db).collect(),
         });
 
         // Ports: NATS, PostgreSQL and the simulator first; the services' replicas then skip
@@ -201,32 +212,43 @@ impl Plan {
             name: SIMULATOR.to_owned(),
             binary: SIMULATOR,
             port: SIMULATOR_PORT,
+            public_port: None,
             env: vec![
                 (ENV_HTTP_ADDR, http_addr(SIMULATOR_PORT)),
                 (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
             ],
         }];
-        for (binary, base_port, database) in SERVICES {
+        let admin_token_file = data_dir.join(ADMIN_TOKEN_FILE);
+        for (binary, admin_base, public_base, database) in SERVICES {
             let database_url = match &postgres {
                 Some(pg) => format!("postgres://{PG_USER}@127.0.0.1:{}/{database}", pg.port),
                 None => sqlite_url(&args.data_dir, database),
             };
             for replica in 1..=args.replicas {
-                let port = next_free_port(base_port, &mut taken)
-                    .with_context(|| format!("no free port for {binary} replica {replica}"))?;
+                let no_port = || format!("no free port for {binary} replica {replica}");
+                let port = next_free_port(admin_base, &mut taken).with_context(no_port)?;
+                let public_port = match public_base {
+                    Some(base) => Some(next_free_port(base, &mut taken).with_context(no_port)?),
+                    None => None,
+                };
                 let name = if args.replicas == 1 {
                     binary.to_owned()
                 } else {
                     format!("{binary}-{replica}")
                 };
-                ports.push((port, name.clone()));
-                let mut env = vec![
-                    (ENV_NATS_URL, nats.url()),
-                    (ENV_HTTP_ADDR, http_addr(port)),
+                ports.push((port, format!("{name} (admin)")));
+                let mut env = vec![(ENV_NATS_URL, nats.url())];
+                if let Some(public_port) = public_port {
+                    ports.push((public_port, name.clone()));
+                    env.push((ENV_HTTP_ADDR, http_addr(public_port)));
+                }
+                env.extend([
+                    (ENV_ADMIN_ADDR, http_addr(port)),
+                    (ENV_ADMIN_TOKEN_FILE, admin_token_file.display().to_string()),
                     (ENV_DATABASE_URL, database_url.clone()),
                     (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
                     (ENV_STREAM_REPLICAS, nats.stream_replicas().to_string()),
-                ];
+                ]);
                 if binary == PAYMENT {
                     env.push((ENV_PROVIDER_URL, provider_url.clone()));
                 }
@@ -234,6 +256,7 @@ impl Plan {
                     name,
                     binary,
                     port,
+                    public_port,
                     env,
                 });
             }
@@ -243,6 +266,7 @@ impl Plan {
         Ok(Self {
             base_dir: base_dir.to_path_buf(),
             data_dir,
+            admin_token_file,
             clean: args.clean,
             store: args.store,
             nats,
@@ -258,7 +282,10 @@ impl Plan {
         if let Some(pg) = &self.postgres {
             ports.push((pg.port, "PostgreSQL".to_owned()));
         }
-        ports.extend(self.processes.iter().map(|p| (p.port, p.name.clone())));
+        for p in &self.processes {
+            ports.push((p.port, p.name.clone()));
+            ports.extend(p.public_port.map(|port| (port, p.name.clone())));
+        }
         ports
     }
 }
@@ -393,9 +420,14 @@ mod tests {
         assert_eq!(plan.ready_timeout, Duration::from_mins(1));
 
         let order = process(&plan, ORDER);
-        assert_eq!(order.port, 8080);
+        assert_eq!((order.port, order.public_port), (9080, Some(8080)));
         assert_eq!(order.env(ENV_NATS_URL), Some("nats://127.0.0.1:4222"));
         assert_eq!(order.env(ENV_HTTP_ADDR), Some("127.0.0.1:8080"));
+        assert_eq!(order.env(ENV_ADMIN_ADDR), Some("127.0.0.1:9080"));
+        assert_eq!(
+            order.env(ENV_ADMIN_TOKEN_FILE),
+            Some("/repo/.data/admin-token")
+        );
         assert_eq!(
             order.env(ENV_DATABASE_URL),
             Some("sqlite://.data/orders.db?mode=rwc")
@@ -405,7 +437,9 @@ mod tests {
         assert_eq!(order.env(ENV_PROVIDER_URL), None);
 
         let payment = process(&plan, PAYMENT);
-        assert_eq!(payment.port, 8082);
+        assert_eq!((payment.port, payment.public_port), (9082, None));
+        assert_eq!(payment.env(ENV_HTTP_ADDR), None);
+        assert_eq!(payment.env(ENV_ADMIN_ADDR), Some("127.0.0.1:9082"));
         assert_eq!(
             payment.env(ENV_DATABASE_URL),
             Some("sqlite://.data/payments.db?mode=rwc")
@@ -414,7 +448,7 @@ mod tests {
         let inventory = process(&plan, INVENTORY);
         assert_eq!(
             (inventory.port, inventory.env(ENV_DATABASE_URL)),
-            (8081, Some("sqlite://.data/inventory.db?mode=rwc"))
+            (9081, Some("sqlite://.data/inventory.db?mode=rwc"))
         );
 
         let simulator = process(&plan, SIMULATOR);
@@ -464,25 +498,25 @@ mod tests {
     #[test]
     fn replicas_get_ports_ten_apart_around_the_simulator() {
         let plan = plan(&["--store", "postgres", "--replicas", "3"]).unwrap();
-        let ports: Vec<(&str, u16)> = plan
+        let ports: Vec<(&str, u16, Option<u16>)> = plan
             .processes
             .iter()
-            .map(|p| (p.name.as_str(), p.port))
+            .map(|p| (p.name.as_str(), p.port, p.public_port))
             .collect();
         assert_eq!(
             ports,
             [
-                (SIMULATOR, 8090),
-                ("inventory-service-1", 8081),
-                ("inventory-service-2", 8091),
-                ("inventory-service-3", 8101),
-                ("payment-service-1", 8082),
-                ("payment-service-2", 8092),
-                ("payment-service-3", 8102),
-                ("order-service-1", 8080),
+                (SIMULATOR, 8090, None),
+                ("inventory-service-1", 9081, None),
+                ("inventory-service-2", 9091, None),
+                ("inventory-service-3", 9101, None),
+                ("payment-service-1", 9082, None),
+                ("payment-service-2", 9092, None),
+                ("payment-service-3", 9102, None),
                 // 8090 is the simulator's.
-                ("order-service-2", 8100),
-                ("order-service-3", 8110),
+                ("order-service-1", 9080, Some(8080)),
+                ("order-service-2", 9090, Some(8100)),
+                ("order-service-3", 9100, Some(8110)),
             ]
         );
     }

@@ -89,7 +89,34 @@ pub fn prepare_data_dir(plan: &Plan) -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("cannot chmod {}", dir.display()))?;
     }
-    Ok(())
+    ensure_admin_token(&plan.admin_token_file)
+}
+
+/// Makes the operator token file (readable by its owner only) when it is missing; an existing
+/// one is kept, so the token stays the same across runs until `--clean`.
+fn ensure_admin_token(path: &Path) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if path.exists() {
+        return Ok(());
+    }
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("cannot read /dev/urandom for the operator token")?;
+    let token = random.iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create the operator token {}", path.display()))?;
+    writeln!(file, "{token}")
+        .with_context(|| format!("cannot write the operator token {}", path.display()))
 }
 
 /// The nats-server binary: `$ORDERFLOW_NATS_SERVER` when set, else the pinned one that

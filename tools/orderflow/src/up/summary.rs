@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::display_path;
-use super::plan::{ORDER, Plan};
+use super::plan::{ORDER, Plan, SIMULATOR};
 use super::stack::Stack;
 
 /// The summary for `plan` as `stack` runs it, ready after `elapsed`.
@@ -14,7 +14,20 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
     let mut rows: Vec<(String, String)> = stack
         .processes
         .iter()
-        .map(|p| (p.name.clone(), format!("http://127.0.0.1:{}", p.port)))
+        .map(|p| {
+            let plan = plan.processes.iter().find(|q| q.name == p.name);
+            let where_ = match plan.and_then(|q| q.public_port) {
+                Some(public) => format!(
+                    "http://127.0.0.1:{public}  admin http://127.0.0.1:{}",
+                    p.port
+                ),
+                None if plan.is_some_and(|q| q.binary != SIMULATOR) => {
+                    format!("admin http://127.0.0.1:{}", p.port)
+                }
+                None => format!("http://127.0.0.1:{}", p.port),
+            };
+            (p.name.clone(), where_)
+        })
         .collect();
     if let Some(nats) = &stack.nats {
         let nodes = nats.nodes();
@@ -62,6 +75,13 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
             plan.data_dir.display()
         ),
     ));
+    rows.push((
+        "operator token".to_owned(),
+        format!(
+            "{} (the admin listeners' routes need it)",
+            display_path(&plan.admin_token_file, base)
+        ),
+    ));
     for (server, log) in stack.server_logs() {
         rows.push((format!("{server} log"), log.display().to_string()));
     }
@@ -78,11 +98,17 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
     for (label, value) in rows {
         let _ = writeln!(text, "  {label:<width$}  {value}");
     }
-    let order_port = plan
-        .processes
-        .iter()
-        .find(|p| p.binary == ORDER)
-        .map_or(8080, |p| p.port);
+    text.push_str(&walkthrough(plan));
+    text
+}
+
+/// The curl commands to try the system with.
+fn walkthrough(plan: &Plan) -> String {
+    let mut text = String::new();
+    let order = plan.processes.iter().find(|p| p.binary == ORDER);
+    let order_port = order.and_then(|p| p.public_port).unwrap_or(8080);
+    let order_admin = order.map_or(9080, |p| p.port);
+    let token = display_path(&plan.admin_token_file, &plan.base_dir);
     let _ = write!(
         text,
         "\nPlace an order:\n  \
@@ -90,7 +116,9 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
          -d '{{\"customer_id\":\"c-1\",\"items\":[{{\"product_id\":\"SKU-001\",\"quantity\":1}}],\
          \"payment_method\":\"card_ok\"}}'\n\
          Read it back (order_id from the answer):\n  \
-         curl -s localhost:{order_port}/v1/orders/<order_id>\n\n\
+         curl -s localhost:{order_port}/v1/orders/<order_id>\n\
+         List every order (an operator route, on the admin listener, with the token):\n  \
+         curl -s localhost:{order_admin}/v1/orders -H \"Authorization: Bearer $(cat {token})\"\n\n\
          Ctrl-C stops everything.\n"
     );
     text
