@@ -49,19 +49,19 @@ impl Nats {
     /// Creates the client. Returns at once; the connection is established in the background
     /// and re-established whenever it is lost.
     pub async fn connect(config: &NatsConfig) -> Result<Self, MessagingError> {
-        let servers: Vec<async_nats::ServerAddr> = config
-            .url
-            .split(',')
-            .map(|s| s.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                MessagingError::Connect(format!(
-                    "invalid NATS URL {:?}: {e}",
-                    orderflow_store::redact(&config.url)
-                ))
-            })?;
+        let (servers, credentials) = split_credentials(&config.url)?;
+        let mut options = async_nats::ConnectOptions::new();
+        // Credentials from the URL go to the client's options, and the servers are given
+        // without them: the client logs its server addresses (at debug level) as they are.
+        match credentials {
+            Some(UrlCredentials::UserPassword(user, password)) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(UrlCredentials::Token(token)) => options = options.token(token),
+            None => {}
+        }
         let name = config.client_name.clone();
-        let client = async_nats::ConnectOptions::new()
+        let client = options
             .name(&config.client_name)
             .retry_on_initial_connect()
             .request_timeout(Some(config.request_timeout))
@@ -142,5 +142,81 @@ fn log_event(client: &str, event: &async_nats::Event) {
             tracing::warn!(client, sid, "slow consumer: the client dropped messages");
         }
         other => tracing::info!(client, event = %other, "NATS client event"),
+    }
+}
+
+/// Credentials given in a NATS URL's user info.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UrlCredentials {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://token@host`.
+    Token(String),
+}
+
+/// The server addresses of a comma-separated URL list without their user info, and the
+/// credentials that user info held (every URL that has some must have the same).
+fn split_credentials(
+    urls: &str,
+) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlCredentials>), MessagingError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        MessagingError::Connect(format!(
+            "invalid NATS URL {:?}: {e}",
+            orderflow_store::redact(urls)
+        ))
+    };
+    let mut servers = Vec::new();
+    let mut credentials = None;
+    for part in urls.split(',') {
+        let addr: async_nats::ServerAddr = part.trim().parse().map_err(|e| invalid(&e))?;
+        let found = match (addr.username(), addr.password()) {
+            (Some(user), Some(password)) => Some(UrlCredentials::UserPassword(
+                user.to_owned(),
+                password.to_owned(),
+            )),
+            (Some(token), None) => Some(UrlCredentials::Token(token.to_owned())),
+            _ => None,
+        };
+        let mut url = addr.into_inner();
+        if found.is_some() {
+            if credentials.is_some() && credentials != found {
+                return Err(invalid(&"the URLs carry different credentials"));
+            }
+            credentials = found;
+            // Cannot fail: the URL has a host (it had user info).
+            let _ = url.set_password(None);
+            let _ = url.set_username("");
+        }
+        servers.push(async_nats::ServerAddr::from_url(url).map_err(|e| invalid(&e))?);
+    }
+    Ok((servers, credentials))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_urls() {
+        let (servers, credentials) =
+            split_credentials("nats://svc:pw@a:4222, nats://svc:pw@b:4223,nats://c:4224").unwrap();
+        let urls: Vec<&str> = servers
+            .iter()
+            .map(async_nats::ServerAddr::as_url_str)
+            .collect();
+        assert_eq!(urls, ["nats://a:4222", "nats://b:4223", "nats://c:4224"]);
+        assert_eq!(
+            credentials,
+            Some(UrlCredentials::UserPassword("svc".into(), "pw".into()))
+        );
+        let (_, token) = split_credentials("nats://t0ken@a:4222").unwrap();
+        assert_eq!(token, Some(UrlCredentials::Token("t0ken".into())));
+        let mixed = split_credentials("nats://a:x@a:4222,nats://b:y@b:4222").unwrap_err();
+        assert!(
+            mixed.to_string().contains("different credentials"),
+            "{mixed}"
+        );
+        assert!(!mixed.to_string().contains(":x@"), "{mixed}");
+        assert!(split_credentials("http://a:4222").is_err());
     }
 }

@@ -1,0 +1,234 @@
+//! The security boundary of the HTTP surfaces: operator routes only on the admin listeners and
+//! only with the operator token; the public listener serves the order API and nothing else;
+//! credentials never shown.
+#![allow(clippy::unwrap_used, clippy::too_many_lines, missing_docs)]
+
+use std::time::Duration;
+
+use orderflow_e2e::{Service, System, order_body};
+use orderflow_testkit::{ADMIN_TOKEN, ChildProcess, TestDb, eventually, free_ports};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Asserts a `401` problem answer with the Bearer challenge.
+async fn assert_unauthorized(response: reqwest::Response, what: &str) {
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer realm=\"orderflow-admin\"",
+        "{what}"
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "{what}"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "unauthorized", "{what}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them() {
+    let system = System::start(TestDb::sqlite()).await;
+    let anonymous = reqwest::Client::new();
+    let order_id = system.place(&[("SKU-001", 1)], "card_ok").await;
+    system.terminal(&order_id).await;
+
+    let operator_routes = [
+        (Service::Order, Method::GET, "/v1/orders", None),
+        (Service::Order, Method::GET, "/admin/dead-letters", None),
+        (
+            Service::Order,
+            Method::POST,
+            "/admin/dead-letters/purge",
+            Some(json!({"all": true})),
+        ),
+        (Service::Inventory, Method::GET, "/v1/products", None),
+        (
+            Service::Inventory,
+            Method::POST,
+            "/v1/products/SKU-001/restock",
+            Some(json!({"quantity": 1000})),
+        ),
+        (
+            Service::Inventory,
+            Method::PUT,
+            "/v1/products/SKU-001",
+            Some(json!({"name": "free", "price_minor": 1, "currency": "EUR"})),
+        ),
+        (Service::Payment, Method::GET, "/v1/breaker", None),
+        (
+            Service::Payment,
+            Method::POST,
+            "/admin/dead-letters/replay",
+            Some(json!({"all": true})),
+        ),
+    ];
+    for (service, method, path, body) in &operator_routes {
+        let url = format!("{}{path}", system.admin_url(*service));
+        let what = format!("{method} {url}");
+        let request = |client: &reqwest::Client| {
+            let r = client.request(method.clone(), &url);
+            match body {
+                Some(b) => r.json(b),
+                None => r,
+            }
+        };
+        assert_unauthorized(
+            request(&anonymous).send().await.unwrap(),
+            &format!("{what} without a token"),
+        )
+        .await;
+        assert_unauthorized(
+            request(&anonymous)
+                .bearer_auth("orderflow-test-operator-tokeN")
+                .send()
+                .await
+                .unwrap(),
+            &format!("{what} with a wrong token"),
+        )
+        .await;
+        assert_unauthorized(
+            request(&anonymous)
+                .header("authorization", format!("Basic {ADMIN_TOKEN}"))
+                .send()
+                .await
+                .unwrap(),
+            &format!("{what} with another scheme"),
+        )
+        .await;
+    }
+    // Nothing was changed by the refused requests.
+    let product = system.product("SKU-001").await;
+    assert_eq!(product["restocked"], 0, "{product}");
+    assert_ne!(product["name"], "free", "{product}");
+
+    // With the token, the operators' reads answer.
+    let list = system.get_json(Service::Order, "/v1/orders").await;
+    assert_eq!(list["orders"].as_array().unwrap().len(), 1, "{list}");
+    let breaker = system.get_json(Service::Payment, "/v1/breaker").await;
+    assert_eq!(breaker["state"], "closed", "{breaker}");
+
+    // Probes and metrics stay open on the admin listeners (for orchestrators and scrapers).
+    for service in [Service::Order, Service::Inventory, Service::Payment] {
+        let admin = system.admin_url(service);
+        for path in ["/livez", "/readyz", "/metrics"] {
+            let r = anonymous
+                .get(format!("{admin}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{admin}{path}");
+        }
+        let ready: Value = anonymous
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["checks"]["database"], "ok", "{ready}");
+    }
+
+    // The public listener: the order API and the probes, nothing an operator uses, whatever
+    // the caller sends.
+    let public = system.url(Service::Order);
+    let r = anonymous
+        .get(format!("{public}/v1/orders/{order_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a customer reads an order by its id");
+    for (method, path, status) in [
+        (Method::GET, "/v1/orders", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::GET, "/admin/dead-letters", StatusCode::NOT_FOUND),
+        (
+            Method::POST,
+            "/admin/dead-letters/purge",
+            StatusCode::NOT_FOUND,
+        ),
+        (Method::GET, "/metrics", StatusCode::NOT_FOUND),
+    ] {
+        let r = system
+            .http
+            .request(method.clone(), format!("{public}{path}"))
+            .json(&json!({"all": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "public {method} {path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "public {method} {path}"
+        );
+    }
+    let ready: Value = anonymous
+        .get(format!("{public}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready, json!({"status": "ready"}), "no internals in public");
+}
+
+/// Credentials in the NATS URL show nowhere: not in the readiness body (which names the URL
+/// while NATS is unreachable), not in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_urls_are_never_shown() {
+    let [nats_port, admin_port] = free_ports(2).try_into().unwrap();
+    let db = TestDb::sqlite();
+    let secret = "s3cret-in-the-url";
+    let mut service = ChildProcess::spawn_binary(
+        "inventory-service",
+        Vec::<String>::new(),
+        [
+            (
+                "ORDERFLOW_NATS_URL",
+                format!("nats://operator:{secret}@127.0.0.1:{nats_port}"),
+            ),
+            ("ORDERFLOW_ADMIN_ADDR", format!("127.0.0.1:{admin_port}")),
+            ("ORDERFLOW_DATABASE_URL", db.url().to_owned()),
+            ("ORDERFLOW_LOG_FORMAT", "json".to_owned()),
+            ("RUST_LOG", "debug".to_owned()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let body = eventually(Duration::from_secs(30), "readyz names NATS", || async {
+        let r = http
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = r.text().await.map_err(|e| e.to_string())?;
+        if body.contains("not connected") {
+            Ok(body)
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    assert!(body.contains("nats://operator:***@127.0.0.1"), "{body}");
+    assert!(!body.contains(secret), "{body}");
+    // Let the client log a few connection attempts.
+    eventually(
+        Duration::from_secs(30),
+        "a NATS connection attempt logged",
+        || async {
+            let log = service.log();
+            if log.contains("waiting for NATS") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await;
+    service.terminate();
+    let _ = service.wait_exit(Duration::from_secs(30)).await;
+    let log = service.log();
+    assert!(!log.contains(secret), "the log shows the password:\n{log}");
+}
