@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use orderflow_e2e::{Service, System, order_body};
+use orderflow_e2e::{Service, System};
 use orderflow_testkit::{ADMIN_TOKEN, ChildProcess, TestDb, eventually, free_ports};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
