@@ -161,6 +161,18 @@ pub trait Inbound: Sized + Send + 'static {
     /// The `ce-type`s this consumer accepts.
     const TYPES: &'static [&'static str];
 
+    /// The subject each type of [`Inbound::TYPES`] is published on, in the same order: an
+    /// event arriving on another subject than its type's is refused.
+    const SUBJECTS: &'static [&'static str];
+
+    /// The subject events of `event_type` are published on, for a type this consumer accepts.
+    fn subject_of(event_type: &str) -> Option<&'static str> {
+        Self::TYPES
+            .iter()
+            .position(|t| *t == event_type)
+            .and_then(|i| Self::SUBJECTS.get(i).copied())
+    }
+
     /// Decodes a payload of the given `ce-type`.
     fn decode(event_type: &str, payload: &[u8]) -> Result<Self, ContractError>;
 }
@@ -177,8 +189,9 @@ pub trait Inbound: Sized + Send + 'static {
 ///         Cancelled(OrderCancelled),
 ///     }
 /// }
-/// # use orderflow_contracts::Inbound;
+/// # use orderflow_contracts::{Event, Inbound};
 /// assert_eq!(OrderEvent::TYPES.len(), 2);
+/// assert_eq!(OrderEvent::subject_of(OrderCreated::TYPE), Some("orders.created"));
 /// ```
 ///
 /// Each variant's type is decoded (and schema-checked) when the message's `ce-type` is the
@@ -198,6 +211,7 @@ macro_rules! inbound {
 
         impl $crate::Inbound for $name {
             const TYPES: &'static [&'static str] = &[$(<$event as $crate::Event>::TYPE),+];
+            const SUBJECTS: &'static [&'static str] = &[$(<$event as $crate::Event>::SUBJECT),+];
 
             fn decode(event_type: &str, payload: &[u8]) -> Result<Self, $crate::ContractError> {
                 $(

@@ -84,12 +84,31 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
         .publish_raw(subjects::ORDER_CREATED, &[], Bytes::from_static(b"{}"))
         .await
         .unwrap();
+    // A valid event on another event's subject (forged, or misrouted).
+    let (meta4, event4) = order_created(1);
+    let hdrs4: Vec<(String, String)> = meta4
+        .to_headers()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    publisher
+        .publish_raw(
+            subjects::ORDER_CANCELLED,
+            &hdrs4,
+            Bytes::from(serde_json::to_vec(&event4).unwrap()),
+        )
+        .await
+        .unwrap();
+    // A valid event an hour in the future.
+    let (mut meta5, event5) = order_created(1);
+    meta5.time += Duration::from_hours(1);
+    publisher.publish_event(&meta5, &event5).await.unwrap();
     // A valid message after them is still handled.
     let (meta3, event3) = order_created(2);
     publisher.publish_event(&meta3, &event3).await.unwrap();
 
-    let dls = dead_letters(&env, 3).await;
-    assert_eq!(dls.len(), 3);
+    let dls = dead_letters(&env, 5).await;
+    assert_eq!(dls.len(), 5);
     for dl in &dls {
         assert_eq!(header(dl, headers::DL_REASON).as_deref(), Some("poison"));
         assert_eq!(
@@ -100,10 +119,6 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
         assert_eq!(
             header(dl, headers::DL_CONSUMER).as_deref(),
             Some(consumers::INVENTORY_ORDERS)
-        );
-        assert_eq!(
-            header(dl, headers::DL_SUBJECT).as_deref(),
-            Some(subjects::ORDER_CREATED)
         );
         assert!(header(dl, headers::DL_STREAM_SEQ).is_some());
         assert_eq!(dl.subject.as_str(), "deadletter.inventory-orders");
@@ -131,6 +146,32 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
             .unwrap()
             .contains("/lines/0/quantity")
     );
+    let misrouted = by_id(meta4.id.to_string());
+    assert_eq!(
+        header(misrouted, headers::DL_SUBJECT).as_deref(),
+        Some(subjects::ORDER_CANCELLED)
+    );
+    assert!(
+        header(misrouted, headers::DL_ERROR)
+            .unwrap()
+            .contains("not on its subject orders.created"),
+        "{:?}",
+        header(misrouted, headers::DL_ERROR)
+    );
+    let future = by_id(meta5.id.to_string());
+    assert!(
+        header(future, headers::DL_ERROR)
+            .unwrap()
+            .contains("ahead of this machine's clock"),
+        "{:?}",
+        header(future, headers::DL_ERROR)
+    );
+    for dl in [not_json, invalid, future] {
+        assert_eq!(
+            header(dl, headers::DL_SUBJECT).as_deref(),
+            Some(subjects::ORDER_CREATED)
+        );
+    }
     let bare = dls
         .iter()
         .find(|d| header(d, headers::CE_ID).is_none())

@@ -7,8 +7,11 @@
 //! round trip on PostgreSQL); a message applied alone (the runner's fallback after a failed
 //! batch) is a batch of one, so both paths run one piece of code. For a batch, in this order:
 //!
-//! 1. the totals are recorded, telling which orders exist;
-//! 2. the orders the outcomes finish move, each only while still `pending`: the first outcome
+//! 1. the totals are recorded, telling which orders exist; a payment that completed before its
+//!    order's total was recorded now finishes the order, if its amount is the total;
+//! 2. every payment is checked against its order's reserved total (a payment with another
+//!    amount confirms nothing: forged or broken; one whose total is not recorded yet is kept
+//!    for step 1 of a later batch); the orders the outcomes finish move, each only while still `pending`: the first outcome
 //!    of an order in the batch wins, as if the messages were applied one by one; the terminal
 //!    events are emitted for exactly the orders that moved;
 //! 3. which of the other orders exist is read — only when 1 and 2 left some unknown;
@@ -23,13 +26,14 @@ use std::marker::PhantomData;
 use orderflow_contracts::events::{
     PaymentCompleted, PaymentFailed, PaymentRefunded, StockRejected, StockReserved,
 };
-use orderflow_contracts::{Event, Inbound, Money, OrderId};
+use orderflow_contracts::{Event, EventId, EventMeta, Inbound, Money, OrderId};
 use orderflow_messaging::{Handler, HandlerError, Incoming, Work, nothing_to_prepare};
+use orderflow_store::Tx;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::saga::{self, Outcome, Terminal};
-use crate::store::{self, TimelineRow};
+use crate::store::{self, EarlyPayment, TimelineRow};
 
 orderflow_contracts::inbound! {
     /// What the order service reads from `INVENTORY`.
@@ -61,6 +65,9 @@ pub struct Effect {
     pub total: Option<Money>,
     /// The outcome that finishes the order, if it is still pending.
     pub outcome: Option<Outcome>,
+    /// The event the outcome comes from, when it is not this one (a payment recorded before
+    /// the total this reservation brings): the terminal event names it as its cause.
+    pub caused_by: Option<EventId>,
 }
 
 /// An event about an order that the order service consumes.
@@ -111,6 +118,7 @@ impl Effect {
             detail,
             total: None,
             outcome: None,
+            caused_by: None,
         }
     }
 }
@@ -161,6 +169,77 @@ impl<I: OrderEvent> Handler for OrderEventHandler<I> {
     }
 }
 
+/// The outcomes of `effects`, in order, with every payment checked against its order's
+/// reserved total: a forged or broken `payments.completed` must not confirm an order. A
+/// payment whose amount is not the total finishes nothing ([`refuse_payment`]); a payment for
+/// a pending order whose total is not recorded yet is recorded and finishes the order when
+/// the total arrives (the reservation comes on the other consumer, possibly later) — and, as
+/// the first outcome, it keeps a later cancelling outcome from finishing the order meanwhile.
+fn checked_outcomes(
+    tx: &mut Tx<'_>,
+    effects: &mut [Effect],
+    event_ids: &[EventId],
+) -> Result<Vec<(OrderId, Outcome)>, HandlerError> {
+    let deciding: Vec<OrderId> = effects
+        .iter()
+        .filter(|e| e.outcome.is_some() && e.caused_by.is_none())
+        .map(|e| e.order_id)
+        .collect();
+    let mut pending = if deciding.is_empty() {
+        HashMap::new()
+    } else {
+        store::pending_orders(tx, &deciding)?
+    };
+    let mut early = Vec::new();
+    for (effect, &event_id) in effects.iter_mut().zip(event_ids) {
+        let (Some(outcome), None) = (effect.outcome, effect.caused_by) else {
+            continue;
+        };
+        // Unknown or finished already: `saga::finish` leaves it alone.
+        let Some(order) = pending.get_mut(&effect.order_id) else {
+            continue;
+        };
+        match (outcome, order.total) {
+            _ if order.paid_early => {
+                effect.outcome = None;
+                effect.detail["ignored"] = json!("an earlier payment awaits the reservation");
+            }
+            (Outcome::Paid(amount), None) => {
+                early.push((effect.order_id, EarlyPayment { amount, event_id }));
+                order.paid_early = true;
+                effect.outcome = None;
+                effect.detail["awaiting"] = json!("reservation");
+            }
+            (Outcome::Paid(amount), Some(total)) if amount != total => {
+                refuse_payment(effect, amount, total);
+            }
+            _ => {}
+        }
+    }
+    store::record_early_payments(tx, &early)?;
+    Ok(effects
+        .iter()
+        .filter_map(|e| Some((e.order_id, e.outcome?)))
+        .collect())
+}
+
+/// A payment whose amount is not its order's reserved total finishes nothing: it is logged,
+/// counted and kept in the order's timeline as refused, and the order waits for its real
+/// outcome or its deadline.
+fn refuse_payment(effect: &mut Effect, paid: Money, total: Money) {
+    tracing::warn!(
+        order_id = %effect.order_id,
+        paid = ?paid,
+        reserved = ?total,
+        "refused a payment whose amount is not the order's reserved total"
+    );
+    metrics::counter!(saga::PAYMENTS_REFUSED_TOTAL, "reason" => "amount_mismatch").increment(1);
+    effect.outcome = None;
+    effect.detail["refused"] = json!("amount_mismatch");
+    effect.detail["paid"] = json!(paid);
+    effect.detail["reserved_total"] = json!(total);
+}
+
 /// The most messages applied by one round of statement groups (bounds a pipeline's length).
 const MESSAGES_PER_ROUND: usize = 256;
 
@@ -170,7 +249,7 @@ fn apply<I: OrderEvent>(
     work: &mut Work<'_, '_>,
     batch: &[(&Incoming<I>, &())],
 ) -> Result<(), HandlerError> {
-    let effects: Vec<Effect> = batch.iter().map(|(msg, ())| msg.event.effect()).collect();
+    let mut effects: Vec<Effect> = batch.iter().map(|(msg, ())| msg.event.effect()).collect();
 
     // A later total of an order replaces an earlier one, as applying them in turn would.
     let totals: HashMap<OrderId, Money> = effects
@@ -178,12 +257,26 @@ fn apply<I: OrderEvent>(
         .filter_map(|e| Some((e.order_id, e.total?)))
         .collect();
     let totals: Vec<(OrderId, Money)> = totals.into_iter().collect();
-    let mut exists: HashSet<OrderId> = store::set_totals(work.tx(), &totals)?.into_iter().collect();
+    let recorded = store::set_totals(work.tx(), &totals)?;
+    let mut exists: HashSet<OrderId> = recorded.keys().copied().collect();
+    // A payment that completed before its order's total was recorded finishes the order now;
+    // one with another amount is forgotten (the order waits for its real outcome).
+    let mut refused = Vec::new();
+    for effect in &mut effects {
+        if let (Some(total), Some(Some(paid))) = (effect.total, recorded.get(&effect.order_id)) {
+            if paid.amount == total {
+                effect.outcome = Some(Outcome::Paid(paid.amount));
+                effect.caused_by = Some(paid.event_id);
+            } else {
+                refuse_payment(effect, paid.amount, total);
+                refused.push(effect.order_id);
+            }
+        }
+    }
+    store::forget_early_payments(work.tx(), &refused)?;
 
-    let outcomes: Vec<(OrderId, Outcome)> = effects
-        .iter()
-        .filter_map(|e| Some((e.order_id, e.outcome?)))
-        .collect();
+    let event_ids: Vec<EventId> = batch.iter().map(|(msg, ())| msg.meta.id).collect();
+    let outcomes = checked_outcomes(work.tx(), &mut effects, &event_ids)?;
     let mut finished = saga::finish(work.tx(), &outcomes)?;
     exists.extend(finished.keys());
 
@@ -213,9 +306,16 @@ fn apply<I: OrderEvent>(
         let Some(terminal) = effect.outcome.and_then(|_| finished.remove(&order_id)) else {
             continue;
         };
+        let cause = match effect.caused_by {
+            Some(id) => EventMeta {
+                id,
+                ..msg.meta.clone()
+            },
+            None => msg.meta.clone(),
+        };
         let event_id = match &terminal {
-            Terminal::Confirmed(e) => work.emit(&msg.meta, e),
-            Terminal::Cancelled(e) => work.emit(&msg.meta, e),
+            Terminal::Confirmed(e) => work.emit(&cause, e),
+            Terminal::Cancelled(e) => work.emit(&cause, e),
         };
         let (event, detail) = terminal.timeline();
         timeline.push(TimelineRow {

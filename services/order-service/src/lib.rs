@@ -30,12 +30,20 @@ use orderflow_runtime::{CommonConfig, ServiceHost};
 use orderflow_store::Migration;
 
 /// The service's own tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "orders, lines, timeline, idempotency keys",
-    sqlite: include_str!("../migrations/0001_orders.sqlite.sql"),
-    postgres: include_str!("../migrations/0001_orders.postgres.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "orders, lines, timeline, idempotency keys",
+        sqlite: include_str!("../migrations/0001_orders.sqlite.sql"),
+        postgres: include_str!("../migrations/0001_orders.postgres.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "payments recorded before their order's total",
+        sqlite: include_str!("../migrations/0002_early_payments.sql"),
+        postgres: include_str!("../migrations/0002_early_payments.sql"),
+    },
+];
 
 /// order-service configuration. Every flag has an environment variable of the same name.
 #[derive(Debug, Clone, clap::Parser)]

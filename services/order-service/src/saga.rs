@@ -26,6 +26,9 @@ use crate::store;
 pub const ORDERS_FINISHED_TOTAL: &str = "orderflow_orders_finished_total";
 /// Time from placing an order to its terminal state, by `outcome`.
 pub const SAGA_SECONDS: &str = "orderflow_saga_duration_seconds";
+/// `payments.completed` events that confirmed nothing because their amount was not the
+/// order's reserved total, by `reason`.
+pub const PAYMENTS_REFUSED_TOTAL: &str = "orderflow_payments_refused_total";
 /// Orders accepted by the API.
 pub const ORDERS_PLACED_TOTAL: &str = "orderflow_orders_placed_total";
 

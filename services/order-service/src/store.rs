@@ -185,6 +185,39 @@ fn money(amount: Option<i64>, currency: Option<&str>) -> Option<Money> {
     }
 }
 
+/// The still-pending orders among `ids`, each with its reserved total (`None` until the
+/// inventory's reservation is recorded) and whether a completed payment waits for that total.
+pub fn pending_orders(
+    tx: &mut Tx<'_>,
+    ids: &[OrderId],
+) -> Result<HashMap<OrderId, PendingOrder>, StoreError> {
+    let found = tx.query_each(
+        "SELECT total_minor, currency, paid_event_id FROM orders \
+         WHERE order_id = $1 AND status = 'pending'",
+        ids.iter().map(|id| [Value::from(id.to_string())]),
+        |r| {
+            Ok(PendingOrder {
+                total: money(r.get(0)?, r.get::<Option<String>>(1)?.as_deref()),
+                paid_early: r.get::<Option<String>>(2)?.is_some(),
+            })
+        },
+    )?;
+    Ok(ids
+        .iter()
+        .zip(found)
+        .filter_map(|(id, rows)| Some((*id, rows.into_iter().next()?)))
+        .collect())
+}
+
+/// A pending order, as the payment checks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingOrder {
+    /// Its reserved total, once the reservation is recorded.
+    pub total: Option<Money>,
+    /// A completed payment waits for the total.
+    pub paid_early: bool,
+}
+
 /// The orders among `ids` that exist.
 pub fn existing(tx: &mut Tx<'_>, ids: &[OrderId]) -> Result<HashSet<OrderId>, StoreError> {
     let found = tx.query_each(
@@ -200,14 +233,16 @@ pub fn existing(tx: &mut Tx<'_>, ids: &[OrderId]) -> Result<HashSet<OrderId>, St
 }
 
 /// Records the priced totals of orders (each order at most once). Returns the orders that
-/// exist.
+/// exist, each with the payment recorded for it while it waited for its total (only for a
+/// pending order; see [`record_early_payments`]).
 pub fn set_totals(
     tx: &mut Tx<'_>,
     totals: &[(OrderId, Money)],
-) -> Result<Vec<OrderId>, StoreError> {
+) -> Result<HashMap<OrderId, Option<EarlyPayment>>, StoreError> {
     let now = now_micros();
-    let changed = tx.execute_each(
-        "UPDATE orders SET total_minor = $2, currency = $3, updated_at = $4 WHERE order_id = $1",
+    let changed = tx.query_each(
+        "UPDATE orders SET total_minor = $2, currency = $3, updated_at = $4 WHERE order_id = $1 \
+         RETURNING status, paid_minor, paid_currency, paid_event_id",
         totals.iter().map(|(order_id, total)| {
             row![
                 order_id.to_string(),
@@ -216,13 +251,66 @@ pub fn set_totals(
                 now
             ]
         }),
+        |r| {
+            let pending = r.get::<String>(0)? == "pending";
+            let amount = money(r.get(1)?, r.get::<Option<String>>(2)?.as_deref());
+            let event_id = r.get::<Option<String>>(3)?.and_then(|id| id.parse().ok());
+            Ok(match (amount, event_id) {
+                (Some(amount), Some(event_id)) if pending => {
+                    Some(EarlyPayment { amount, event_id })
+                }
+                _ => None,
+            })
+        },
     )?;
     Ok(totals
         .iter()
         .zip(changed)
-        .filter(|&(_, n)| n > 0)
-        .map(|((order_id, _), _)| *order_id)
+        .filter_map(|((order_id, _), rows)| Some((*order_id, rows.into_iter().next()?)))
         .collect())
+}
+
+/// Records the amounts of payments that completed before their orders' totals were recorded
+/// (the payment and the reservation arrive on different consumers): the order is confirmed
+/// when its total arrives and equals the amount.
+pub fn record_early_payments(
+    tx: &mut Tx<'_>,
+    payments: &[(OrderId, EarlyPayment)],
+) -> Result<(), StoreError> {
+    let now = now_micros();
+    tx.execute_each(
+        "UPDATE orders SET paid_minor = $2, paid_currency = $3, paid_event_id = $4, \
+         updated_at = $5 WHERE order_id = $1 AND status = 'pending'",
+        payments.iter().map(|(order_id, paid)| {
+            row![
+                order_id.to_string(),
+                paid.amount.amount_minor,
+                paid.amount.currency.as_str(),
+                paid.event_id.to_string(),
+                now
+            ]
+        }),
+    )?;
+    Ok(())
+}
+
+/// Forgets the early payments of `orders` (refused: their amount was not the total).
+pub fn forget_early_payments(tx: &mut Tx<'_>, orders: &[OrderId]) -> Result<(), StoreError> {
+    tx.execute_each(
+        "UPDATE orders SET paid_minor = NULL, paid_currency = NULL, paid_event_id = NULL \
+         WHERE order_id = $1",
+        orders.iter().map(|id| [Value::from(id.to_string())]),
+    )?;
+    Ok(())
+}
+
+/// A payment that completed before its order's total was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EarlyPayment {
+    /// What was paid.
+    pub amount: Money,
+    /// The `payments.completed` event.
+    pub event_id: EventId,
 }
 
 /// Moves pending orders (each at most once) to terminal statuses. Returns when each order that

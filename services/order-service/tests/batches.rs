@@ -265,6 +265,19 @@ impl Story {
             ],
             Some(paid),
         );
+        // Paid another amount than reserved (a forged or broken event): refused, the order
+        // waits for its real outcome.
+        let forged = OrderId::new();
+        s.reserve(forged, 3006);
+        s.pay(forged, 1);
+        s.expect(
+            forged,
+            "pending",
+            None,
+            Some(3006),
+            &[subjects::PAYMENT_COMPLETED],
+            None,
+        );
         // Reserved, not paid yet: still pending, priced.
         let pending = OrderId::new();
         s.reserve(pending, 3003);
@@ -373,7 +386,14 @@ impl Story {
                 .into_iter()
                 .filter(|t| *t != subjects::STOCK_RESERVED)
                 .collect();
-            assert_eq!(rest, e.timeline, "{what}");
+            // The events as they arrived: the two consumers' events interleave in any order
+            // (a payment can even arrive before its reservation, and then the confirmation
+            // follows the reservation), so the same entries, with the terminal event after
+            // the event that caused it.
+            let (mut got, mut want) = (rest.clone(), e.timeline.clone());
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "{what}");
 
             let published = by_order.remove(&e.order_id.to_string()).unwrap_or_default();
             match e.finished_by {
@@ -386,6 +406,12 @@ impl Story {
                     // The timeline names the event that was published.
                     let entry = order.timeline.iter().find(|t| t.event == subject).unwrap();
                     assert_eq!(entry.event_id, published[0].event_id.to_string(), "{what}");
+                    let position =
+                        |id: String| order.timeline.iter().position(|t| t.event_id == id);
+                    assert!(
+                        position(cause.to_string()) < position(entry.event_id.clone()),
+                        "{what}: the terminal event comes before its cause"
+                    );
                 }
             }
         }
@@ -496,6 +522,73 @@ async fn a_batch_has_the_effects_of_its_messages_one_by_one(db: TestDb) {
         emitted.extend(apply(&store, &payments, &story.payments, one_by_one).await);
         story.check(&store, &terminals(&emitted)).await;
     }
+}
+
+/// Payments applied before their reservations (they come on different consumers): a payment
+/// of the reserved total confirms its order when the total arrives, caused by the payment,
+/// and a cancelling outcome after it does not win; a payment of another amount never confirms.
+async fn a_payment_before_its_reservation_waits_for_the_total(db: TestDb) {
+    let store = migrated(&db).await;
+    let mut story = Story::default();
+    let (matching, failed_after, forged) = (OrderId::new(), OrderId::new(), OrderId::new());
+    let paid = story.pay(matching, 4000);
+    let paid_first = story.pay(failed_after, 4001);
+    story.fail(failed_after, PaymentFailureReason::Declined);
+    story.pay(forged, 1);
+    for (order_id, amount) in [(matching, 4000), (failed_after, 4001), (forged, 4002)] {
+        story.reserve(order_id, amount);
+    }
+    story.expect(
+        matching,
+        "confirmed",
+        None,
+        Some(4000),
+        &[subjects::PAYMENT_COMPLETED, subjects::ORDER_CONFIRMED],
+        Some(paid),
+    );
+    story.expect(
+        failed_after,
+        "confirmed",
+        None,
+        Some(4001),
+        &[
+            subjects::PAYMENT_COMPLETED,
+            subjects::PAYMENT_FAILED,
+            subjects::ORDER_CONFIRMED,
+        ],
+        Some(paid_first),
+    );
+    story.expect(
+        forged,
+        "pending",
+        None,
+        Some(4002),
+        &[subjects::PAYMENT_COMPLETED],
+        None,
+    );
+    story.place(&store).await;
+    let (inventory, payments) = (InventoryHandler::default(), PaymentHandler::default());
+    let mut emitted = apply(&store, &payments, &story.payments, false).await;
+    assert!(emitted.is_empty(), "nothing is decided before the totals");
+    emitted.extend(apply(&store, &inventory, &story.inventory, false).await);
+    story.check(&store, &terminals(&emitted)).await;
+    // The refused payment is forgotten: the order's real outcome still finishes it.
+    let mut late = Story::default();
+    let failure = late.fail(forged, PaymentFailureReason::Declined);
+    late.expect(
+        forged,
+        "cancelled",
+        Some("payment_declined"),
+        Some(4002),
+        &[
+            subjects::PAYMENT_COMPLETED,
+            subjects::PAYMENT_FAILED,
+            subjects::ORDER_CANCELLED,
+        ],
+        Some(failure),
+    );
+    let emitted = apply(&store, &payments, &late.payments, false).await;
+    late.check(&store, &terminals(&emitted)).await;
 }
 
 /// The value of a Prometheus counter whose line holds every one of `labels`.
@@ -649,5 +742,6 @@ async fn the_service_applies_real_batches(db: TestDb) {
 
 on_every_backend!(
     a_batch_has_the_effects_of_its_messages_one_by_one,
+    a_payment_before_its_reservation_waits_for_the_total,
     the_service_applies_real_batches
 );

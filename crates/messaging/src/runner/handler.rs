@@ -35,12 +35,29 @@ pub trait Decode: Sized + Send + Sync + std::fmt::Debug + 'static {
     fn decode(message: &jetstream::Message) -> Result<(EventMeta, Self), String>;
 }
 
+/// How far in the future an event's time may be (clocks of different machines drift): a
+/// later time is a forged or broken event.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_mins(5);
+/// How old an event may be: older than the dead-letter stream keeps anything (30 days), no
+/// real event can still be delivered, not even by a replay.
+pub const MAX_EVENT_AGE: Duration = Duration::from_hours(24 * 31);
+
 impl<I: Inbound + Sync + std::fmt::Debug> Decode for I {
     fn decode(msg: &jetstream::Message) -> Result<(EventMeta, Self), String> {
         let headers = msg.headers.as_ref().ok_or("message has no headers")?;
         let meta =
             EventMeta::from_headers(|name| headers.get(name).map(async_nats::HeaderValue::as_str))
                 .map_err(|e| format!("invalid envelope: {e}"))?;
+        match I::subject_of(&meta.event_type) {
+            Some(subject) if subject != msg.subject.as_str() => {
+                return Err(format!(
+                    "event type {:?} arrived on {}, not on its subject {subject}",
+                    meta.event_type, msg.subject
+                ));
+            }
+            _ => {}
+        }
+        check_time(meta.time, time::OffsetDateTime::now_utc())?;
         let event = I::decode(&meta.event_type, &msg.payload).map_err(|e| match e {
             ContractError::UnsupportedType(t) => {
                 format!("unsupported event type {t:?} on {}", msg.subject)
@@ -49,6 +66,23 @@ impl<I: Inbound + Sync + std::fmt::Debug> Decode for I {
         })?;
         Ok((meta, event))
     }
+}
+
+/// Refuses an event time beyond [`MAX_CLOCK_SKEW`] ahead of `now` or [`MAX_EVENT_AGE`] behind.
+fn check_time(at: time::OffsetDateTime, now: time::OffsetDateTime) -> Result<(), String> {
+    if at > now + MAX_CLOCK_SKEW {
+        return Err(format!(
+            "event time {at} is more than {} minutes ahead of this machine's clock ({now})",
+            MAX_CLOCK_SKEW.as_secs() / 60
+        ));
+    }
+    if at < now - MAX_EVENT_AGE {
+        return Err(format!(
+            "event time {at} is more than {} days old",
+            MAX_EVENT_AGE.as_secs() / 86_400
+        ));
+    }
+    Ok(())
 }
 
 /// Handles the messages of one durable consumer, a batch at a time.
@@ -204,6 +238,18 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_times_far_from_now_are_refused() {
+        let now = time::OffsetDateTime::now_utc();
+        assert!(check_time(now, now).is_ok());
+        assert!(check_time(now + Duration::from_mins(4), now).is_ok());
+        assert!(check_time(now - Duration::from_hours(24 * 30), now).is_ok());
+        let ahead = check_time(now + Duration::from_mins(6), now).unwrap_err();
+        assert!(ahead.contains("ahead"), "{ahead}");
+        let old = check_time(now - Duration::from_hours(24 * 32), now).unwrap_err();
+        assert!(old.contains("days old"), "{old}");
+    }
 
     #[test]
     fn retry_delay_grows_and_is_capped() {

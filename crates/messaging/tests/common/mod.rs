@@ -36,6 +36,7 @@ impl TestInput {
 
 impl Inbound for TestInput {
     const TYPES: &'static [&'static str] = &[OrderCreated::TYPE, OrderCancelled::TYPE];
+    const SUBJECTS: &'static [&'static str] = &[OrderCreated::SUBJECT, OrderCancelled::SUBJECT];
 
     fn decode(event_type: &str, payload: &[u8]) -> Result<Self, ContractError> {
         match event_type {
