@@ -28,6 +28,7 @@
 //!   JetStream gave up on from its advisories;
 //! - [`metrics`]: metric names.
 
+pub mod access;
 pub mod asyncapi;
 pub mod deadletter;
 mod error;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::MessagingError;
 
 /// How to reach NATS.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NatsConfig {
     /// One server URL or several separated by commas (`nats://a:4222,nats://b:4222`). May
     /// hold credentials: print it through `orderflow_store::redact`.
@@ -24,6 +24,19 @@ pub struct NatsConfig {
     pub client_name: String,
     /// How long the JetStream API and publish acks may take before an error.
     pub request_timeout: Duration,
+    /// The nkey seed to authenticate with (`SU…`), when the server asks for one.
+    pub nkey_seed: Option<String>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &orderflow_store::redact(&self.url))
+            .field("client_name", &self.client_name)
+            .field("request_timeout", &self.request_timeout)
+            .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl NatsConfig {
@@ -33,6 +46,25 @@ impl NatsConfig {
             url: url.into(),
             client_name: client_name.into(),
             request_timeout: Duration::from_secs(5),
+            nkey_seed: None,
+        }
+    }
+
+    /// Authenticates with the nkey seed in `path` (its first line).
+    pub fn nkey_seed_file(mut self, path: &std::path::Path) -> Result<Self, MessagingError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            MessagingError::Connect(format!("reading the nkey seed {}: {e}", path.display()))
+        })?;
+        let seed = text.lines().map(str::trim).find(|l| !l.is_empty());
+        match seed {
+            Some(seed) if seed.starts_with("SU") => {
+                self.nkey_seed = Some(seed.to_owned());
+                Ok(self)
+            }
+            _ => Err(MessagingError::Connect(format!(
+                "{} holds no user nkey seed (a line starting with SU)",
+                path.display()
+            ))),
         }
     }
 }
@@ -60,9 +92,15 @@ impl Nats {
             Some(UrlCredentials::Token(token)) => options = options.token(token),
             None => {}
         }
+        if let Some(seed) = &config.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
         let name = config.client_name.clone();
         let client = options
             .name(&config.client_name)
+            // Replies come under the client's own prefix: with per-service permissions, only
+            // this client may subscribe there.
+            .custom_inbox_prefix(crate::access::inbox_prefix(&config.client_name))
             .retry_on_initial_connect()
             .request_timeout(Some(config.request_timeout))
             .event_callback(move |event| {

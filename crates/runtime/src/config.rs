@@ -25,6 +25,12 @@ pub struct CommonConfig {
     )]
     pub nats_url: String,
 
+    /// File holding this service's NATS nkey seed (a line starting with `SU`), when the
+    /// server authenticates clients with nkeys (`orderflow up` and `deploy/nats` do). A user
+    /// and password can instead go in the URL (`nats://user:password@host:4222`).
+    #[arg(long, env = "ORDERFLOW_NATS_NKEY_SEED_FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+
     /// How long to wait for the first NATS connection at start before giving up.
     #[arg(long, env = "ORDERFLOW_NATS_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub nats_connect_timeout: Duration,

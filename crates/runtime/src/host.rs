@@ -116,14 +116,18 @@ impl ServiceHost {
             .await
             .with_context(|| format!("migrating the {name} tables"))?;
 
-        let nats = Nats::connect(&NatsConfig::new(&common.nats_url, name))
-            .await
-            .with_context(|| {
-                format!(
-                    "setting up the NATS client (--nats-url {})",
-                    orderflow_store::redact(&common.nats_url)
-                )
-            })?;
+        let mut nats_config = NatsConfig::new(&common.nats_url, name);
+        if let Some(path) = &common.nats_nkey_seed_file {
+            nats_config = nats_config
+                .nkey_seed_file(path)
+                .context("--nats-nkey-seed-file")?;
+        }
+        let nats = Nats::connect(&nats_config).await.with_context(|| {
+            format!(
+                "setting up the NATS client (--nats-url {})",
+                orderflow_store::redact(&common.nats_url)
+            )
+        })?;
 
         let readiness = Readiness::default();
         let n = nats.clone();

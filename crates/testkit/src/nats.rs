@@ -616,6 +616,7 @@ pub struct NatsClusterBuilder {
     monitor_base: Option<u16>,
     data_dir: Option<PathBuf>,
     launch: Launch,
+    extra_config: Vec<String>,
 }
 
 impl NatsClusterBuilder {
@@ -678,6 +679,14 @@ impl NatsClusterBuilder {
         self
     }
 
+    /// Appends a line (or block) to every node's configuration file (see
+    /// [`NatsServerBuilder::config`]).
+    #[must_use]
+    pub fn config(mut self, text: impl Into<String>) -> Self {
+        self.extra_config.push(text.into());
+        self
+    }
+
     /// Starts the nodes and waits until the cluster is ready (see [`NatsCluster::start`]).
     pub async fn start(self) -> NatsCluster {
         let n = self.size;
@@ -706,9 +715,10 @@ impl NatsClusterBuilder {
                         .collect();
                     let block = format!(
                         "cluster {{\n  name: \"{name}\"\n  listen: \"127.0.0.1:{}\"\n  \
-                         routes: [{}]\n}}",
+                         routes: [{}]\n}}\n{}",
                         route[i],
-                        routes.join(", ")
+                        routes.join(", "),
+                        self.extra_config.join("\n")
                     );
                     let store = self.data_dir.as_deref().map(|dir| node_store(dir, i));
                     NatsServer::create_with(
@@ -777,6 +787,7 @@ impl NatsCluster {
             monitor_base: None,
             data_dir: None,
             launch: Launch::default(),
+            extra_config: Vec::new(),
         }
     }
 

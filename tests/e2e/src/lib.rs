@@ -67,6 +67,7 @@ impl Service {
 
 /// Knobs a test may turn; defaults fit a fast test run.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
 pub struct Options {
     /// order-service `--saga-deadline`.
     pub saga_deadline: &'static str,
@@ -95,6 +96,11 @@ pub struct Options {
     pub private_postgres: bool,
     /// nats-server fsyncs every JetStream write (`sync_interval: always`, as `deploy/nats`).
     pub nats_sync_always: bool,
+    /// NATS refuses anonymous clients: every service connects with an nkey of its own and
+    /// only the permissions `orderflow_messaging::access` gives it (as `orderflow up` and
+    /// `deploy/nats` run it). The test then reaches NATS as the operator
+    /// ([`System::operator_nats`]) or as a service ([`System::nats_config_as`]).
+    pub nats_auth: bool,
 }
 
 impl Default for Options {
@@ -111,6 +117,7 @@ impl Default for Options {
             nats_cluster: false,
             private_postgres: false,
             nats_sync_always: false,
+            nats_auth: false,
         }
     }
 }
@@ -185,12 +192,25 @@ pub enum Broker {
 }
 
 impl Broker {
-    async fn start(cluster: bool, sync_always: bool) -> Self {
-        match (cluster, sync_always) {
-            (true, false) => Self::Cluster(NatsCluster::start(3).await),
-            (true, true) => Self::Cluster(NatsCluster::builder(3).sync_always().start().await),
-            (false, false) => Self::Single(NatsServer::start().await),
-            (false, true) => Self::Single(NatsServer::builder().sync_always().start().await),
+    async fn start(cluster: bool, sync_always: bool, config: Option<&str>) -> Self {
+        if cluster {
+            let mut builder = NatsCluster::builder(3);
+            if sync_always {
+                builder = builder.sync_always();
+            }
+            if let Some(config) = config {
+                builder = builder.config(config);
+            }
+            Self::Cluster(builder.start().await)
+        } else {
+            let mut builder = NatsServer::builder();
+            if sync_always {
+                builder = builder.sync_always();
+            }
+            if let Some(config) = config {
+                builder = builder.config(config);
+            }
+            Self::Single(builder.start().await)
         }
     }
 
@@ -347,6 +367,60 @@ pub struct System {
     pub http: reqwest::Client,
     /// Which backend the services use: `sqlite` or `postgres`.
     pub backend: &'static str,
+    /// The nkeys of [`Options::nats_auth`].
+    nats_users: Option<NatsUsers>,
+}
+
+/// One nkey per service and one for the operator, the seeds in files of a temp dir.
+struct NatsUsers {
+    dir: tempfile::TempDir,
+    /// `(user, seed)`.
+    seeds: Vec<(String, String)>,
+    /// The nats-server `authorization` block granting them.
+    config: String,
+}
+
+impl NatsUsers {
+    fn new() -> Self {
+        use orderflow_messaging::access;
+        let topology = orderflow_messaging::Topology::orderflow(
+            &orderflow_messaging::TopologySettings::default(),
+        );
+        let dir = tempfile::tempdir().expect("a temp dir for the nkey seeds");
+        let mut seeds = Vec::new();
+        let mut users = Vec::new();
+        for service in access::SERVICES {
+            let (seed, public) = access::new_user_nkey();
+            users.push((
+                format!("\"{public}\""),
+                access::service_permissions(&topology, &service),
+            ));
+            seeds.push((service.service.to_owned(), seed));
+        }
+        let (seed, public) = access::new_user_nkey();
+        users.push((format!("\"{public}\""), access::operator_permissions()));
+        seeds.push((access::OPERATOR.to_owned(), seed));
+        for (user, seed) in &seeds {
+            std::fs::write(dir.path().join(format!("{user}.nk")), format!("{seed}\n"))
+                .expect("writing an nkey seed");
+        }
+        Self {
+            dir,
+            seeds,
+            config: access::authorization_block(&users),
+        }
+    }
+
+    fn seed_file(&self, user: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{user}.nk"))
+    }
+
+    fn seed(&self, user: &str) -> Option<String> {
+        self.seeds
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, s)| s.clone())
+    }
 }
 
 impl System {
@@ -406,7 +480,13 @@ impl System {
         postgres: Option<PostgresServer>,
     ) -> Self {
         let [orders_db, inventory_db, payments_db] = urls;
-        let nats = Broker::start(options.nats_cluster, options.nats_sync_always).await;
+        let nats_users = options.nats_auth.then(NatsUsers::new);
+        let nats = Broker::start(
+            options.nats_cluster,
+            options.nats_sync_always,
+            nats_users.as_ref().map(|u| u.config.as_str()),
+        )
+        .await;
         let nats_url = nats.url();
         let mut procs = HashMap::new();
         let common = |db: Option<&String>| {
@@ -430,12 +510,24 @@ impl System {
             }
             env
         };
+        let with_user = |service: Service, mut env: Vec<(String, String)>| {
+            if let Some(users) = &nats_users {
+                env.push((
+                    "ORDERFLOW_NATS_NKEY_SEED_FILE".to_owned(),
+                    users.seed_file(service.binary()).display().to_string(),
+                ));
+            }
+            env
+        };
         let provider = Proc::new(Service::Provider, common(None));
         let provider_port = provider.port;
         procs.insert(Service::Provider, vec![provider]);
         procs.insert(
             Service::Inventory,
-            vec![Proc::new(Service::Inventory, common(Some(inventory_db)))],
+            vec![Proc::new(
+                Service::Inventory,
+                with_user(Service::Inventory, common(Some(inventory_db))),
+            )],
         );
         let mut payment_env = common(Some(payments_db));
         payment_env.extend(
@@ -462,7 +554,10 @@ impl System {
         );
         procs.insert(
             Service::Payment,
-            vec![Proc::new(Service::Payment, payment_env)],
+            vec![Proc::new(
+                Service::Payment,
+                with_user(Service::Payment, payment_env),
+            )],
         );
         let mut order_env = common(Some(orders_db));
         order_env.extend(
@@ -472,7 +567,13 @@ impl System {
             ]
             .map(|(k, v)| (k.to_owned(), v)),
         );
-        procs.insert(Service::Order, vec![Proc::new(Service::Order, order_env)]);
+        procs.insert(
+            Service::Order,
+            vec![Proc::new(
+                Service::Order,
+                with_user(Service::Order, order_env),
+            )],
+        );
         assert!(
             options.replicas == 1 || backend == "postgres",
             "replicas need PostgreSQL"
@@ -493,6 +594,7 @@ impl System {
             postgres,
             http: orderflow_testkit::admin_client(),
             backend,
+            nats_users,
         };
         let all = [
             Service::Provider,
@@ -518,6 +620,27 @@ impl System {
         let child =
             ChildProcess::spawn_binary(service.binary(), Vec::<String>::new(), proc.env.clone());
         proc.child = Some(child);
+    }
+
+    /// How to reach NATS as `user` (a service's binary name, or the operator: `operator`),
+    /// with its nkey when [`Options::nats_auth`] is on.
+    pub fn nats_config_as(&self, user: &str) -> orderflow_messaging::NatsConfig {
+        let mut config = orderflow_messaging::NatsConfig::new(self.nats.url(), user);
+        config.nkey_seed = self.nats_users.as_ref().and_then(|u| u.seed(user));
+        config
+    }
+
+    /// A NATS connection as the operator (every permission), connected.
+    pub async fn operator_nats(&self) -> orderflow_messaging::Nats {
+        let nats = orderflow_messaging::Nats::connect(
+            &self.nats_config_as(orderflow_messaging::access::OPERATOR),
+        )
+        .await
+        .expect("a NATS client");
+        nats.wait_connected(SETTLE)
+            .await
+            .expect("connected as the operator");
+        nats
     }
 
     /// The base URL of a service's first replica: the order service's public API, the other

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use orderflow_e2e::{Service, System};
+use orderflow_e2e::{Options, Service, System};
 use orderflow_testkit::{ADMIN_TOKEN, ChildProcess, TestDb, eventually, free_ports};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -231,4 +231,107 @@ async fn credentials_in_urls_are_never_shown() {
     let _ = service.wait_exit(Duration::from_secs(30)).await;
     let log = service.log();
     assert!(!log.contains(secret), "the log shows the password:\n{log}");
+}
+
+/// With NATS authentication on (as `orderflow up` and `deploy/nats` run it), the saga runs
+/// end to end with each service on its own nkey and permissions; anonymous clients are
+/// refused, and a service's user can neither publish another service's events nor read
+/// another service's consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_reaches_nats_with_its_own_nkey_and_subjects() {
+    use async_nats::jetstream;
+    use orderflow_contracts::events::PaymentCompleted;
+    use orderflow_contracts::names::{consumers, streams, subjects};
+    use orderflow_contracts::{CorrelationId, Currency, EventMeta, Money, OrderId, PaymentId};
+    use orderflow_messaging::{Nats, Publisher};
+
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            nats_auth: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let confirmed = system.place(&[("SKU-001", 1)], "card_ok").await;
+    let declined = system.place(&[("SKU-002", 1)], "card_declined").await;
+    assert_eq!(system.terminal(&confirmed).await["status"], "confirmed");
+    assert_eq!(system.terminal(&declined).await["status"], "cancelled");
+
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(system.nats.urls())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client was let in");
+
+    // The inventory service's user: its own subjects work, the others' do not.
+    let mut config = system.nats_config_as("inventory-service");
+    config.request_timeout = Duration::from_secs(1);
+    let inventory = Nats::connect(&config).await.unwrap();
+    inventory
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let publisher = Publisher::new(&inventory);
+    publisher
+        .publish_raw(
+            "inventory.permission-check",
+            &[],
+            bytes::Bytes::from_static(b"{}"),
+        )
+        .await
+        .expect("a service publishes under its own prefix");
+    let forged = PaymentCompleted {
+        order_id: OrderId::new(),
+        payment_id: PaymentId::new(),
+        amount: Money::new(1, Currency::EUR).unwrap(),
+        provider_reference: "forged".into(),
+    };
+    let meta = EventMeta::new(
+        &forged,
+        "orderflow/payment-service",
+        CorrelationId::new(),
+        None,
+    );
+    assert!(
+        publisher.publish_event(&meta, &forged).await.is_err(),
+        "the inventory service's user published a payments.completed"
+    );
+    let seed = config.nkey_seed.clone().unwrap();
+    let client = async_nats::ConnectOptions::with_nkey(seed)
+        .custom_inbox_prefix("_INBOX_inventory-service")
+        .connect(system.nats.urls())
+        .await
+        .unwrap();
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client);
+    let foreign = js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            consumers::ORDER_PAYMENTS,
+            streams::PAYMENTS,
+        )
+        .await;
+    assert!(foreign.is_err(), "read the order service's consumer");
+
+    // Only the real payment is in the stream.
+    let operator = system.nats_config_as(orderflow_messaging::access::OPERATOR);
+    let client = async_nats::ConnectOptions::with_nkey(operator.nkey_seed.unwrap())
+        .connect(system.nats.urls())
+        .await
+        .unwrap();
+    let payments = jetstream::new(client)
+        .get_stream(streams::PAYMENTS)
+        .await
+        .unwrap();
+    let info = payments
+        .info_with_subjects(subjects::PAYMENT_COMPLETED)
+        .await
+        .unwrap();
+    let counts: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
+    assert_eq!(
+        counts,
+        [(subjects::PAYMENT_COMPLETED.to_owned(), 1)],
+        "one payments.completed: the real one"
+    );
 }
