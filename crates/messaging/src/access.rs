@@ -70,6 +70,13 @@ pub fn new_user_nkey() -> (String, String) {
     (seed, pair.public_key())
 }
 
+/// The public key of a user nkey seed.
+pub fn public_key(seed: &str) -> Result<String, String> {
+    nkeys::KeyPair::from_seed(seed.trim())
+        .map(|pair| pair.public_key())
+        .map_err(|e| format!("not an nkey seed: {e}"))
+}
+
 /// The user name of the operator in generated configurations.
 pub const OPERATOR: &str = "operator";
 
@@ -145,15 +152,15 @@ pub fn authorization_block(users: &[(String, Permissions)]) -> String {
     let list = |subjects: &[String]| {
         subjects
             .iter()
-            .map(|s| format!("\"{s}\""))
+            .map(|s| format!("\n          \"{s}\""))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(",")
     };
     let mut out = String::from("authorization {\n  users = [\n");
     for (nkey, permissions) in users {
         let _ = write!(
             out,
-            "    {{\n      nkey: {nkey}\n      permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n      }}\n    }}\n",
+            "    {{\n      nkey: {nkey}\n      permissions: {{\n        publish: {{ allow: [{}\n        ] }}\n        subscribe: {{ allow: [{}\n        ] }}\n      }}\n    }}\n",
             list(&permissions.publish),
             list(&permissions.subscribe),
         );
@@ -185,7 +192,8 @@ pub fn deploy_authorization(topology: &Topology) -> String {
         operator_permissions(),
     ));
     format!(
-        "# Generated from crates/messaging/src/access.rs (`orderflow nats-auth`); a test keeps it equal.\n\
+        "# Generated from crates/messaging/src/access.rs: do not edit. tools/orderflow/tests/\n\
+         # deploy_config.rs keeps it equal to the code (ORDERFLOW_BLESS=1 rewrites it).\n\
          # Who may do what on NATS: one nkey user per service and one for the operator.\n\
          # The public nkeys come from the environment: {}.\n\
          # Anonymous connections are refused.\n{}",

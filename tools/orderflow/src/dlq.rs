@@ -49,6 +49,17 @@ pub struct DlqArgs {
     )]
     pub nats_url: String,
 
+    /// The operator's nkey seed file, when NATS authenticates clients. Without it, the one
+    /// `orderflow up` made (`.data/nats-auth/operator.nk` of this checkout) is used when it
+    /// exists.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_NATS_NKEY_SEED_FILE",
+        value_name = "FILE"
+    )]
+    pub nats_nkey_seed_file: Option<std::path::PathBuf>,
+
     /// How long to wait for a connection to NATS before giving up (e.g. 5s, 500ms, 1m).
     #[arg(
         long,
@@ -298,7 +309,11 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         DlqCommand::Purge(a) => check_scope("purge", &a.filter, a.all)?,
         DlqCommand::List(_) | DlqCommand::Show(_) => {}
     }
-    let nats = connect(&args.nats_url, args.connect_timeout).await?;
+    let seed = args
+        .nats_nkey_seed_file
+        .clone()
+        .or_else(crate::up::default_operator_seed);
+    let nats = connect(&args.nats_url, seed.as_deref(), args.connect_timeout).await?;
     let dead_letters = DeadLetters::new(&nats);
     let outcome = match args.command {
         DlqCommand::List(a) => list(&dead_letters, &a).await,
@@ -322,15 +337,28 @@ fn check_scope(operation: &str, filter: &FilterArgs, all: bool) -> anyhow::Resul
     Ok(())
 }
 
-/// Connects and waits for the connection, at most `timeout`.
-async fn connect(url: &str, timeout: Duration) -> anyhow::Result<Nats> {
-    let nats = Nats::connect(&NatsConfig::new(url, CLIENT_NAME))
+/// Connects (with the nkey seed in `seed`, if any) and waits for the connection, at most
+/// `timeout`.
+async fn connect(
+    url: &str,
+    seed: Option<&std::path::Path>,
+    timeout: Duration,
+) -> anyhow::Result<Nats> {
+    let redacted = orderflow_store::redact(url);
+    let mut config = NatsConfig::new(url, CLIENT_NAME);
+    if let Some(seed) = seed {
+        config = config
+            .nkey_seed_file(seed)
+            .context("--nats-nkey-seed-file")?;
+    }
+    let nats = Nats::connect(&config)
         .await
-        .with_context(|| format!("cannot use --nats-url {url:?}"))?;
+        .with_context(|| format!("cannot use --nats-url {redacted:?}"))?;
     if nats.wait_connected(timeout).await.is_err() {
         bail!(
-            "NATS is unreachable at {url}: no connection within {timeout:?} (is nats-server \
-             running there? set --nats-url or ORDERFLOW_NATS_URL, or a longer --connect-timeout)"
+            "NATS is unreachable at {redacted}: no connection within {timeout:?} (is nats-server \
+             running there? set --nats-url or ORDERFLOW_NATS_URL, or a longer --connect-timeout; \
+             a server that authenticates clients needs --nats-nkey-seed-file)"
         );
     }
     Ok(nats)

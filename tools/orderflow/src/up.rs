@@ -48,6 +48,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => None,
     };
     setup::prepare_data_dir(&plan)?;
+    let nats_users = setup::nats_users(&plan)?;
 
     let console = Console::new(plan.processes.iter().map(|p| p.name.as_str()));
     // From here on servers run: a signal must reach this code, which stops them, instead of
@@ -58,6 +59,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         nats_server,
         pg_bin_dir,
         bin_dir,
+        nats_users,
     };
     let outcome = bring_up_and_watch(&mut stack, &plan, tools, &mut signals).await;
     match &outcome {
@@ -81,6 +83,8 @@ struct Tools {
     pg_bin_dir: Option<PathBuf>,
     /// Where the service binaries are.
     bin_dir: PathBuf,
+    /// The nats-server `authorization` block: the services' and the operator's nkeys.
+    nats_users: String,
 }
 
 /// Starts everything in order, waits until it is ready, prints the summary and watches it.
@@ -92,7 +96,12 @@ async fn bring_up_and_watch(
     signals: &mut Signals,
 ) -> anyhow::Result<&'static str> {
     stack
-        .start_nats(&plan.nats, tools.nats_server, &plan.data_dir)
+        .start_nats(
+            &plan.nats,
+            tools.nats_server,
+            &plan.data_dir,
+            &tools.nats_users,
+        )
         .await?;
     if let Some(signal) = signals.pending().await {
         return Ok(signal);
@@ -112,6 +121,18 @@ async fn bring_up_and_watch(
     }
     Console::plain(summary::text(plan, stack, started.elapsed()));
     stack.watch(signals).await
+}
+
+/// The operator's nkey seed `orderflow up` made in this checkout's default data dir, if any:
+/// what `orderflow dlq` authenticates with when not told otherwise.
+pub fn default_operator_seed() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    let root = setup::repo_root(&cwd)?;
+    let seed = plan::seed_file(
+        &root.join(".data").join(plan::NATS_AUTH_DIR),
+        orderflow_messaging::access::OPERATOR,
+    );
+    seed.is_file().then_some(seed)
 }
 
 /// `path` relative to `base` when it is inside it (shorter to read), else as it is.

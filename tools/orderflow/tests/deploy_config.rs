@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use orderflow_contracts::names::{streams, subjects};
-use orderflow_messaging::{Nats, NatsConfig, Publisher, Topology, TopologySettings};
+use orderflow_messaging::{Nats, NatsConfig, Publisher, Topology, TopologySettings, access};
 use orderflow_testkit::{ChildProcess, eventually, nats_server_binary};
 use serde_json::Value;
 
@@ -36,6 +36,63 @@ fn rewrite(text: &str, from: &str, to: &str) -> String {
         "deploy/nats/cluster.conf no longer contains {from:?}: update this test"
     );
     text.replace(from, to)
+}
+
+/// The users of `auth.conf`: each user's seed, and the environment that gives the server
+/// their public keys.
+struct Users {
+    seeds: Vec<(String, String)>,
+}
+
+impl Users {
+    fn new() -> Self {
+        let seeds = access::SERVICES
+            .iter()
+            .map(|s| s.service)
+            .chain([access::OPERATOR])
+            .map(|user| (user.to_owned(), access::new_user_nkey().0))
+            .collect();
+        Self { seeds }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.seeds
+            .iter()
+            .map(|(user, seed)| {
+                (
+                    access::nkey_variable(user),
+                    access::public_key(seed).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn seed(&self, user: &str) -> String {
+        self.seeds
+            .iter()
+            .find(|(u, _)| u == user)
+            .unwrap()
+            .1
+            .clone()
+    }
+}
+
+/// `deploy/nats/auth.conf` is what `orderflow_messaging::access` makes from the topology
+/// (`ORDERFLOW_BLESS=1` rewrites it after a change to the topology or the permissions).
+#[test]
+fn the_authorization_file_is_the_generated_one() {
+    let path = deploy_dir().join("auth.conf");
+    let generated =
+        access::deploy_authorization(&Topology::orderflow(&TopologySettings::default()));
+    if std::env::var_os("ORDERFLOW_BLESS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    assert_eq!(
+        read(&path),
+        generated,
+        "deploy/nats/auth.conf differs from the permissions in the code: rerun this test \
+         with ORDERFLOW_BLESS=1 and review the diff"
+    );
 }
 
 /// The ports of one node on this machine.
@@ -65,12 +122,14 @@ struct Node {
     config: PathBuf,
     ports: Ports,
     process: Option<ChildProcess>,
+    /// The public nkeys auth.conf reads from the environment.
+    env: Vec<(String, String)>,
 }
 
 impl Node {
     fn start(&mut self) {
         let mut command = Command::new(nats_server_binary());
-        command.arg("-c").arg(&self.config);
+        command.arg("-c").arg(&self.config).envs(self.env.clone());
         self.process = Some(ChildProcess::spawn(self.name.clone(), command));
     }
 
@@ -114,7 +173,7 @@ impl Node {
 }
 
 /// Writes the three nodes' configuration into `dir`.
-fn materialise(dir: &Path) -> Vec<Node> {
+fn materialise(dir: &Path, users: &Users) -> Vec<Node> {
     let shared = read(&deploy_dir().join("cluster.conf"));
     let ports = free_ports();
     (0..NODES)
@@ -147,11 +206,13 @@ fn materialise(dir: &Path) -> Vec<Node> {
             // The node file itself is used as committed: it includes ./cluster.conf.
             let file = format!("nats-{n}.conf");
             std::fs::copy(deploy_dir().join(&file), node_dir.join(&file)).unwrap();
+            std::fs::copy(deploy_dir().join("auth.conf"), node_dir.join("auth.conf")).unwrap();
             Node {
                 name: format!("nats-{n}"),
                 config: node_dir.join(file),
                 ports: ports[i],
                 process: None,
+                env: users.env(),
             }
         })
         .collect()
@@ -167,6 +228,7 @@ fn every_node_file_passes_the_servers_config_check() {
             .arg("-t")
             .arg("-c")
             .arg(&file)
+            .envs(Users::new().env())
             .current_dir(std::env::temp_dir())
             .output()
             .unwrap();
@@ -183,7 +245,8 @@ fn every_node_file_passes_the_servers_config_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = materialise(dir.path());
+    let users = Users::new();
+    let mut nodes = materialise(dir.path(), &users);
     for node in &mut nodes {
         node.start();
     }
@@ -228,9 +291,9 @@ async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
 
     // orderflow's streams, with 3 replicas, as the services create them on a cluster.
     let urls: Vec<String> = nodes.iter().map(Node::url).collect();
-    let nats = Nats::connect(&NatsConfig::new(urls.join(","), "deploy-config-test"))
-        .await
-        .unwrap();
+    let mut operator = NatsConfig::new(urls.join(","), "deploy-config-test");
+    operator.nkey_seed = Some(users.seed(access::OPERATOR));
+    let nats = Nats::connect(&operator).await.unwrap();
     nats.wait_connected(WAIT).await.unwrap();
     let settings = TopologySettings {
         replicas: 3,
@@ -240,7 +303,34 @@ async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
         .reconcile_streams(&nats)
         .await
         .unwrap();
-    let js = jetstream::new(async_nats::connect(urls.clone()).await.unwrap());
+    let js = jetstream::new(
+        async_nats::ConnectOptions::with_nkey(users.seed(access::OPERATOR))
+            .connect(urls.clone())
+            .await
+            .unwrap(),
+    );
+    // Anonymous clients are refused, and a service's user publishes only its own events.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(urls.clone())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous client was let in");
+    let mut inventory = NatsConfig::new(urls.join(","), "inventory-service");
+    inventory.nkey_seed = Some(users.seed("inventory-service"));
+    inventory.request_timeout = Duration::from_secs(1);
+    let inventory = Nats::connect(&inventory).await.unwrap();
+    inventory.wait_connected(WAIT).await.unwrap();
+    let refused = Publisher::new(&inventory)
+        .publish_raw(
+            subjects::ORDER_CREATED,
+            &[],
+            bytes::Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "inventory-service published an orders.created"
+    );
     let orders_cluster = || async {
         let mut stream = js
             .get_stream(streams::ORDERS)

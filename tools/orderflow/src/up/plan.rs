@@ -34,6 +34,9 @@ const SERVICES: [(&str, u16, Option<u16>, &str); 3] = [
 ];
 /// The operator token's file in the data dir (made by `up` when missing).
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The directory of the NATS nkey seeds in the data dir, one `<user>.nk` per service and
+/// one for the operator (made by `up` when missing).
+pub const NATS_AUTH_DIR: &str = "nats-auth";
 /// Extra replicas of a service listen this many ports above the previous one.
 const REPLICA_PORT_STEP: u16 = 10;
 /// Nodes of a `--cluster`.
@@ -54,6 +57,8 @@ const ENV_HTTP_ADDR: &str = "ORDERFLOW_HTTP_ADDR";
 const ENV_ADMIN_ADDR: &str = "ORDERFLOW_ADMIN_ADDR";
 /// The operator token's file.
 const ENV_ADMIN_TOKEN_FILE: &str = "ORDERFLOW_ADMIN_TOKEN_FILE";
+/// The service's NATS nkey seed file.
+const ENV_NATS_NKEY_SEED_FILE: &str = "ORDERFLOW_NATS_NKEY_SEED_FILE";
 /// Database URL.
 const ENV_DATABASE_URL: &str = "ORDERFLOW_DATABASE_URL";
 /// Log format (`pretty` here: a person reads it).
@@ -74,6 +79,8 @@ pub struct Plan {
     pub data_dir: PathBuf,
     /// The operator token's file (in the data dir), absolute.
     pub admin_token_file: PathBuf,
+    /// The NATS nkey seeds' directory (in the data dir), absolute.
+    pub nats_auth_dir: PathBuf,
     /// Delete the data dir before starting.
     pub clean: bool,
     /// The storage backend.
@@ -219,6 +226,7 @@ impl Plan {
             ],
         }];
         let admin_token_file = data_dir.join(ADMIN_TOKEN_FILE);
+        let nats_auth_dir = data_dir.join(NATS_AUTH_DIR);
         for (binary, admin_base, public_base, database) in SERVICES {
             let database_url = match &postgres {
                 Some(pg) => format!("postgres://{PG_USER}@127.0.0.1:{}/{database}", pg.port),
@@ -245,6 +253,10 @@ impl Plan {
                 env.extend([
                     (ENV_ADMIN_ADDR, http_addr(port)),
                     (ENV_ADMIN_TOKEN_FILE, admin_token_file.display().to_string()),
+                    (
+                        ENV_NATS_NKEY_SEED_FILE,
+                        seed_file(&nats_auth_dir, binary).display().to_string(),
+                    ),
                     (ENV_DATABASE_URL, database_url.clone()),
                     (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
                     (ENV_STREAM_REPLICAS, nats.stream_replicas().to_string()),
@@ -267,6 +279,7 @@ impl Plan {
             base_dir: base_dir.to_path_buf(),
             data_dir,
             admin_token_file,
+            nats_auth_dir,
             clean: args.clean,
             store: args.store,
             nats,
@@ -330,6 +343,11 @@ fn check_distinct(ports: &[(u16, String)]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The nkey seed file of `user` (a service's binary name, or the operator) in `dir`.
+pub fn seed_file(dir: &Path, user: &str) -> PathBuf {
+    dir.join(format!("{user}.nk"))
 }
 
 /// `127.0.0.1:<port>`.
@@ -427,6 +445,10 @@ mod tests {
         assert_eq!(
             order.env(ENV_ADMIN_TOKEN_FILE),
             Some("/repo/.data/admin-token")
+        );
+        assert_eq!(
+            order.env(ENV_NATS_NKEY_SEED_FILE),
+            Some("/repo/.data/nats-auth/order-service.nk")
         );
         assert_eq!(
             order.env(ENV_DATABASE_URL),

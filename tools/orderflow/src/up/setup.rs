@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use super::plan::{BINARIES, Plan};
+use super::plan::{self, BINARIES, Plan};
 
 /// The script that installs the pinned nats-server and prints its path; its presence also
 /// marks the repository root.
@@ -92,12 +92,62 @@ pub fn prepare_data_dir(plan: &Plan) -> anyhow::Result<()> {
     ensure_admin_token(&plan.admin_token_file)
 }
 
+/// Makes the NATS users' nkey seeds (readable by their owner only) when missing — one per
+/// service and one for the operator (`orderflow dlq`) — and returns the nats-server
+/// `authorization` block that admits exactly them, each with its permissions.
+pub fn nats_users(plan: &Plan) -> anyhow::Result<String> {
+    use orderflow_messaging::access;
+    let dir = &plan.nats_auth_dir;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot chmod {}", dir.display()))?;
+    }
+    let topology =
+        orderflow_messaging::Topology::orderflow(&orderflow_messaging::TopologySettings::default());
+    let mut users = Vec::new();
+    for service in access::SERVICES {
+        let public = ensure_seed(&plan::seed_file(dir, service.service))?;
+        users.push((
+            format!("\"{public}\""),
+            access::service_permissions(&topology, &service),
+        ));
+    }
+    let public = ensure_seed(&plan::seed_file(dir, access::OPERATOR))?;
+    users.push((format!("\"{public}\""), access::operator_permissions()));
+    Ok(access::authorization_block(&users))
+}
+
+/// The public key of the seed in `path`, making a new seed there when there is none.
+fn ensure_seed(path: &Path) -> anyhow::Result<String> {
+    if !path.exists() {
+        let (seed, _) = orderflow_messaging::access::new_user_nkey();
+        write_secret(path, &seed)?;
+    }
+    let seed =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    orderflow_messaging::access::public_key(&seed)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Writes `text` and a newline to a new file readable by its owner only.
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{text}").with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Makes the operator token file (readable by its owner only) when it is missing; an existing
 /// one is kept, so the token stays the same across runs until `--clean`.
 fn ensure_admin_token(path: &Path) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    use std::io::{Read as _, Write as _};
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::io::Read as _;
     if path.exists() {
         return Ok(());
     }
@@ -109,14 +159,7 @@ fn ensure_admin_token(path: &Path) -> anyhow::Result<()> {
         let _ = write!(hex, "{b:02x}");
         hex
     });
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create the operator token {}", path.display()))?;
-    writeln!(file, "{token}")
-        .with_context(|| format!("cannot write the operator token {}", path.display()))
+    write_secret(path, &token)
 }
 
 /// The nats-server binary: `$ORDERFLOW_NATS_SERVER` when set, else the pinned one that

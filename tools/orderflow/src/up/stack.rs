@@ -147,6 +147,7 @@ impl Stack {
         plan: &NatsPlan,
         binary: PathBuf,
         data_dir: &Path,
+        authorization: &str,
     ) -> anyhow::Result<()> {
         if plan.cluster {
             self.console.say(format!(
@@ -160,6 +161,7 @@ impl Stack {
                 .monitor_ports(plan.monitor_port)
                 .data_dir(data_dir)
                 .binary(binary)
+                .config(authorization)
                 .own_process_group();
             let cluster =
                 contain::blocking_async("starting the NATS cluster", move || builder.start())
@@ -174,6 +176,7 @@ impl Stack {
                 .monitor_port(plan.monitor_port)
                 .store_dir(data_dir.join("nats"))
                 .binary(binary)
+                .config(authorization)
                 .own_process_group();
             let server =
                 contain::blocking_async("starting nats-server", move || builder.start()).await?;

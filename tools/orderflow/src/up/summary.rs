@@ -82,6 +82,13 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
             display_path(&plan.admin_token_file, base)
         ),
     ));
+    rows.push((
+        "NATS users".to_owned(),
+        format!(
+            "{} (nkey seeds: one per service, operator.nk for orderflow dlq)",
+            display_path(&plan.nats_auth_dir, base)
+        ),
+    ));
     for (server, log) in stack.server_logs() {
         rows.push((format!("{server} log"), log.display().to_string()));
     }
@@ -109,6 +116,7 @@ fn walkthrough(plan: &Plan) -> String {
     let order_port = order.and_then(|p| p.public_port).unwrap_or(8080);
     let order_admin = order.map_or(9080, |p| p.port);
     let token = display_path(&plan.admin_token_file, &plan.base_dir);
+    let nats_auth = display_path(&plan.nats_auth_dir, &plan.base_dir);
     let _ = write!(
         text,
         "\nPlace an order:\n  \
@@ -118,7 +126,10 @@ fn walkthrough(plan: &Plan) -> String {
          Read it back (order_id from the answer):\n  \
          curl -s localhost:{order_port}/v1/orders/<order_id>\n\
          List every order (an operator route, on the admin listener, with the token):\n  \
-         curl -s localhost:{order_admin}/v1/orders -H \"Authorization: Bearer $(cat {token})\"\n\n\
+         curl -s localhost:{order_admin}/v1/orders -H \"Authorization: Bearer $(cat {token})\"\n\
+         Dead letters (NATS refuses anonymous clients: `orderflow dlq` authenticates as the\n\
+         operator; in this checkout's default data dir it finds the seed by itself):\n  \
+         target/release/orderflow dlq list --nats-nkey-seed-file {nats_auth}/operator.nk\n\n\
          Ctrl-C stops everything.\n"
     );
     text
