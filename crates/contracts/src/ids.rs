@@ -27,6 +27,9 @@ pub enum IdError {
     /// The value holds a character outside `A-Z a-z 0-9 . _ -` or does not start alphanumeric.
     #[error("may contain only letters, digits, '.', '_' and '-', starting with a letter or digit")]
     Alphabet,
+    /// The value holds a space, a control or a non-ASCII character.
+    #[error("may contain only visible ASCII characters (no spaces)")]
+    NotVisibleAscii,
 }
 
 macro_rules! uuid_id {
@@ -100,15 +103,116 @@ uuid_id!(
     "EventId"
 );
 uuid_id!(
-    /// Follows one saga across every service: the order's creation and everything it causes.
-    CorrelationId,
-    "CorrelationId"
-);
-uuid_id!(
     /// Identifies one payment attempt recorded by the payment service.
     PaymentId,
     "PaymentId"
 );
+
+/// Follows one saga across every service: the order's creation and everything it causes.
+///
+/// orderflow mints UUIDv7s; a client may bring its own (`X-Correlation-ID`), any 1 to 128
+/// visible ASCII characters (`checkout-42.abc`), so its own ids show up in orderflow's logs and
+/// events. Held inline: copying one costs no allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CorrelationId {
+    len: u8,
+    bytes: [u8; CorrelationId::MAX_LEN],
+}
+
+impl CorrelationId {
+    /// The longest accepted value, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// A new, time-ordered (UUIDv7) correlation id.
+    pub fn new() -> Self {
+        let mut buffer = Uuid::encode_buffer();
+        let text = Uuid::now_v7().hyphenated().encode_lower(&mut buffer);
+        Self::inline(text)
+    }
+
+    /// Parses a correlation id: 1 to [`Self::MAX_LEN`] visible ASCII characters.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if s.is_empty() || s.len() > Self::MAX_LEN {
+            return Err(IdError::Length { max: Self::MAX_LEN });
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(IdError::NotVisibleAscii);
+        }
+        Ok(Self::inline(s))
+    }
+
+    /// `s`, already checked.
+    fn inline(s: &str) -> Self {
+        let mut bytes = [0; Self::MAX_LEN];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        Self {
+            len: u8::try_from(s.len()).unwrap_or(u8::MAX),
+            bytes,
+        }
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever stored.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl Default for CorrelationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for CorrelationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CorrelationId")
+            .field(&self.as_str())
+            .finish()
+    }
+}
+
+impl FromStr for CorrelationId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for CorrelationId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CorrelationId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = Cow::<'de, str>::deserialize(deserializer)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for CorrelationId {
+    fn schema_name() -> Cow<'static, str> {
+        Cow::Borrowed("CorrelationId")
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 128,
+            "pattern": "^[!-~]+$"
+        })
+    }
+}
 
 /// The alphabet of external identifiers: `[A-Za-z0-9][A-Za-z0-9._-]*`.
 pub(crate) fn check_token(s: &str, max: usize) -> Result<(), IdError> {
@@ -236,6 +340,31 @@ mod tests {
         assert!(bad.is_err());
         let good: ProductId = serde_json::from_str("\"SKU-1\"").unwrap();
         assert_eq!(good.as_str(), "SKU-1");
+    }
+
+    #[test]
+    fn correlation_ids_are_uuids_or_a_clients_visible_token() {
+        let minted = CorrelationId::new();
+        assert!(minted.as_str().parse::<Uuid>().is_ok(), "{minted}");
+        for kept in ["checkout-42.abc", "a", &"x".repeat(128), "req:1/2?#"] {
+            let id = CorrelationId::parse(kept).unwrap();
+            assert_eq!(id.as_str(), kept);
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(serde_json::from_str::<CorrelationId>(&json).unwrap(), id);
+        }
+        assert_eq!(CorrelationId::parse(""), Err(IdError::Length { max: 128 }));
+        assert_eq!(
+            CorrelationId::parse(&"x".repeat(129)),
+            Err(IdError::Length { max: 128 })
+        );
+        for bad in ["with space", "tab\t", "ünï"] {
+            assert_eq!(
+                CorrelationId::parse(bad),
+                Err(IdError::NotVisibleAscii),
+                "{bad}"
+            );
+        }
+        assert!(serde_json::from_str::<CorrelationId>("\"no spaces\"").is_err());
     }
 
     #[test]

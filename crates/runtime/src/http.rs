@@ -18,8 +18,9 @@ use tracing::Instrument;
 
 use crate::telemetry;
 
-/// The correlation header, taken from the request when it holds a UUID, generated otherwise,
-/// and returned on every response.
+/// The correlation header, taken from the request when it holds a valid correlation id (1 to
+/// 128 visible ASCII characters: a UUID or a client's own token), generated otherwise, and
+/// returned on every response.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 /// W3C trace context header.
 pub const TRACEPARENT_HEADER: &str = "traceparent";

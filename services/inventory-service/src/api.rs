@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use orderflow_contracts::{Money, ProductId, Quantity};
+use orderflow_contracts::{Money, ProductId};
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::{JsonBody, invalid_parameter, not_found};
 use orderflow_store::Db;
@@ -39,10 +39,14 @@ async fn show(State(db): State<Db>, Path(raw): Path<String>) -> Result<impl Into
     Ok(axum::Json(product))
 }
 
+/// The most units one restock adds: warehouse-size deliveries, far above an order line's
+/// 10 000, and far below what the stock columns hold.
+pub const MAX_RESTOCK: u64 = 1_000_000_000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Restock {
-    quantity: Quantity,
+    quantity: u64,
 }
 
 async fn restock(
@@ -51,10 +55,16 @@ async fn restock(
     JsonBody(body): JsonBody<Restock>,
 ) -> Result<impl IntoResponse, Problem> {
     let id = product_id(&raw)?;
+    if !(1..=MAX_RESTOCK).contains(&body.quantity) {
+        return Err(invalid_parameter(
+            "quantity",
+            format!("must be an integer from 1 to {MAX_RESTOCK}"),
+        ));
+    }
     let product = store::restock(&db, &id, body.quantity)
         .await?
         .ok_or_else(|| not_found(&format!("product {id}")))?;
-    tracing::info!(product_id = %id, quantity = body.quantity.get(), "restocked");
+    tracing::info!(product_id = %id, quantity = body.quantity, "restocked");
     Ok(axum::Json(product))
 }
 

@@ -169,10 +169,10 @@ pub async fn upsert_product(
 pub async fn restock(
     db: &Db,
     id: &ProductId,
-    quantity: Quantity,
+    quantity: u64,
 ) -> Result<Option<Product>, StoreError> {
     let id = id.as_str().to_owned();
-    let q = i64::from(quantity.get());
+    let q = i64::try_from(quantity).unwrap_or(i64::MAX);
     db.write(move |tx| {
         let n = tx.execute(
             "UPDATE products SET available = available + $2, restocked = restocked + $2, \

@@ -134,10 +134,9 @@ fn replay(used: &store::KeyUse, canonical: &str) -> Result<Placed, PlaceError> {
             StatusCode::CONFLICT,
             "idempotency_key_reused",
             "Idempotency key reused",
-            format!(
-                "this Idempotency-Key was used for a different request (order {})",
-                used.order_id
-            ),
+            // Not naming the other request's order: the key may be someone else's.
+            "this Idempotency-Key was used for a different request: use a new key for a new \
+             order",
         )))
     }
 }

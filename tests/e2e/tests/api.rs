@@ -32,9 +32,13 @@ async fn duplicate_post_with_the_same_key_is_one_order(db: TestDb) {
         )
         .await;
     assert_eq!(other.status(), 409);
-    assert_eq!(
-        other.json::<Value>().await.unwrap()["code"],
-        "idempotency_key_reused"
+    let refused: Value = other.json().await.unwrap();
+    assert_eq!(refused["code"], "idempotency_key_reused");
+    assert!(
+        !refused
+            .to_string()
+            .contains(first["order_id"].as_str().unwrap()),
+        "the 409 names the other request's order: {refused}"
     );
 
     let list = system
@@ -49,37 +53,71 @@ async fn duplicate_post_with_the_same_key_is_one_order(db: TestDb) {
     );
 }
 
-/// The correlation id is taken from the request when valid and follows the saga.
+/// The correlation id is taken from the request when valid — a UUID or a client's own token
+/// of visible ASCII — and follows the saga into the events; an invalid one is replaced.
 async fn correlation_id_is_kept(db: TestDb) {
     let system = System::start(db).await;
-    let correlation = "0191c0de-0000-7000-8000-000000000001";
-    let response = system
-        .http
-        .post(format!("{}/v1/orders", system.url(Service::Order)))
-        .header("x-correlation-id", correlation)
-        .json(&order_body("c-1", &[("SKU-002", 1)], "card_ok"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.headers()["x-correlation-id"], correlation);
-    let id = response.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let order = system.terminal(&id).await;
-    assert_eq!(order["correlation_id"], correlation);
-    let bad = system
-        .http
-        .get(format!("{}/v1/orders/{id}", system.url(Service::Order)))
-        .header("x-correlation-id", "not-a-uuid")
-        .send()
-        .await
-        .unwrap();
-    assert_ne!(
-        bad.headers()["x-correlation-id"],
-        "not-a-uuid",
-        "an invalid one is replaced"
+    for correlation in ["0191c0de-0000-7000-8000-000000000001", "checkout-42.abc"] {
+        let response = system
+            .http
+            .post(format!("{}/v1/orders", system.url(Service::Order)))
+            .header("x-correlation-id", correlation)
+            .json(&order_body("c-1", &[("SKU-002", 1)], "card_ok"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-correlation-id"], correlation);
+        let id = response.json::<Value>().await.unwrap()["order_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let order = system.terminal(&id).await;
+        assert_eq!(order["correlation_id"], correlation);
+        assert_eq!(order["status"], "confirmed", "{order}");
+    }
+    for invalid in ["has space", &"x".repeat(129)] {
+        let bad = system
+            .http
+            .get(format!("{}/livez", system.url(Service::Order)))
+            .header("x-correlation-id", invalid)
+            .send()
+            .await
+            .unwrap();
+        let replaced = bad.headers()["x-correlation-id"].to_str().unwrap();
+        assert_ne!(replaced, invalid, "an invalid one is replaced");
+        assert!(replaced.parse::<uuid::Uuid>().is_ok(), "{replaced}");
+    }
+}
+
+/// Restocking takes warehouse-size deliveries (far above an order line's 10 000), within a
+/// bound.
+async fn restocks_take_warehouse_quantities(db: TestDb) {
+    let system = System::start(db).await;
+    let url = format!(
+        "{}/v1/products/SKU-004/restock",
+        system.admin_url(Service::Inventory)
     );
+    let r = system
+        .http
+        .post(&url)
+        .json(&json!({"quantity": 5_000_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["restocked"], 5_000_000);
+    for bad in [json!(0), json!(1_000_000_001_u64), json!(-1)] {
+        let r = system
+            .http
+            .post(&url)
+            .json(&json!({ "quantity": bad }))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = problem(r).await;
+        assert_eq!(status / 100, 4, "{bad}: {body}");
+    }
+    assert_eq!(system.product("SKU-004").await["restocked"], 5_000_000);
 }
 
 async fn problem(response: reqwest::Response) -> (u16, Value) {
@@ -276,5 +314,6 @@ on_every_backend!(
     duplicate_post_with_the_same_key_is_one_order,
     correlation_id_is_kept,
     bad_input_is_rejected_and_nothing_is_stored,
+    restocks_take_warehouse_quantities,
     orders_are_listed_with_filters_and_cursors,
 );
