@@ -44,7 +44,7 @@ pub mod work;
 
 pub use deadletter::{AdvisoryHandler, DeadLetters};
 pub use error::MessagingError;
-pub use nats::{Nats, NatsConfig};
+pub use nats::{Nats, NatsConfig, NatsTls};
 pub use outbox::{Outbox, Sweeper, SweeperConfig};
 pub use publisher::{Published, Publisher};
 pub use runner::{

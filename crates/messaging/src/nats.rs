@@ -26,6 +26,17 @@ pub struct NatsConfig {
     pub request_timeout: Duration,
     /// The nkey seed to authenticate with (`SU…`), when the server asks for one.
     pub nkey_seed: Option<String>,
+    /// TLS to the server, when set: every connection must be TLS.
+    pub tls: Option<NatsTls>,
+}
+
+/// TLS settings of the NATS connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsTls {
+    /// PEM file of the certificate authorities that sign the servers' certificates.
+    pub ca: std::path::PathBuf,
+    /// PEM files of this client's certificate and key, for servers that verify clients.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for NatsConfig {
@@ -35,6 +46,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("client_name", &self.client_name)
             .field("request_timeout", &self.request_timeout)
             .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -47,6 +59,7 @@ impl NatsConfig {
             client_name: client_name.into(),
             request_timeout: Duration::from_secs(5),
             nkey_seed: None,
+            tls: None,
         }
     }
 
@@ -94,6 +107,23 @@ impl Nats {
         }
         if let Some(seed) = &config.nkey_seed {
             options = options.nkey(seed.clone());
+        }
+        if let Some(tls) = &config.tls {
+            for file in std::iter::once(&tls.ca).chain(tls.client.iter().flat_map(|(c, k)| [c, k]))
+            {
+                if !file.is_file() {
+                    return Err(MessagingError::Connect(format!(
+                        "TLS file {} does not exist",
+                        file.display()
+                    )));
+                }
+            }
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone());
+            if let Some((cert, key)) = &tls.client {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
         }
         let name = config.client_name.clone();
         let client = options

@@ -31,6 +31,20 @@ pub struct CommonConfig {
     #[arg(long, env = "ORDERFLOW_NATS_NKEY_SEED_FILE")]
     pub nats_nkey_seed_file: Option<PathBuf>,
 
+    /// PEM file of the certificate authorities of the NATS servers' certificates: with it,
+    /// every NATS connection is TLS (`tls://` URLs or not) and the server must prove itself.
+    #[arg(long, env = "ORDERFLOW_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// PEM file of this service's client certificate, for NATS servers that verify clients
+    /// (`verify: true`); with --nats-tls-key.
+    #[arg(long, env = "ORDERFLOW_NATS_TLS_CERT", requires_all = ["nats_tls_key", "nats_tls_ca"])]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// PEM file of the key of --nats-tls-cert.
+    #[arg(long, env = "ORDERFLOW_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+
     /// How long to wait for the first NATS connection at start before giving up.
     #[arg(long, env = "ORDERFLOW_NATS_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub nats_connect_timeout: Duration,
@@ -87,12 +101,56 @@ pub struct CommonConfig {
     #[arg(long, env = "ORDERFLOW_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
+    /// How long an HTTP client may take to send a request's line and headers before its
+    /// connection is closed (a client sending half a header holds nothing for long).
+    #[arg(long, env = "ORDERFLOW_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// How long an HTTP request may take before it answers 408.
+    #[arg(long, env = "ORDERFLOW_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_request_timeout: Duration,
+
+    /// HTTP connections served at once per listener; more wait to be accepted.
+    #[arg(long, env = "ORDERFLOW_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// How long graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 }
 
 impl CommonConfig {
+    /// How this service reaches NATS, as `client_name`: URL, nkey seed, TLS.
+    pub fn nats_config(
+        &self,
+        client_name: &str,
+    ) -> anyhow::Result<orderflow_messaging::NatsConfig> {
+        use anyhow::Context as _;
+        let mut config = orderflow_messaging::NatsConfig::new(&self.nats_url, client_name);
+        if let Some(path) = &self.nats_nkey_seed_file {
+            config = config
+                .nkey_seed_file(path)
+                .context("--nats-nkey-seed-file")?;
+        }
+        config.tls = self
+            .nats_tls_ca
+            .as_ref()
+            .map(|ca| orderflow_messaging::NatsTls {
+                ca: ca.clone(),
+                client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+            });
+        Ok(config)
+    }
+
+    /// The HTTP limits these flags give.
+    pub fn http_limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            header_read_timeout: self.http_header_timeout,
+            request_timeout: self.http_request_timeout,
+            max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
+        }
+    }
+
     /// The topology settings these flags describe.
     pub fn topology(&self) -> TopologySettings {
         TopologySettings {

@@ -35,8 +35,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use orderflow_messaging::{
-    AdvisoryHandler, ConsumerRunner, Handler, Nats, NatsConfig, Outbox, RunnerConfig, Sweeper,
-    SweeperConfig, Topology,
+    AdvisoryHandler, ConsumerRunner, Handler, Nats, Outbox, RunnerConfig, Sweeper, SweeperConfig,
+    Topology,
 };
 use orderflow_store::{Db, DbOptions, Migration};
 use tokio::net::TcpListener;
@@ -116,18 +116,14 @@ impl ServiceHost {
             .await
             .with_context(|| format!("migrating the {name} tables"))?;
 
-        let mut nats_config = NatsConfig::new(&common.nats_url, name);
-        if let Some(path) = &common.nats_nkey_seed_file {
-            nats_config = nats_config
-                .nkey_seed_file(path)
-                .context("--nats-nkey-seed-file")?;
-        }
-        let nats = Nats::connect(&nats_config).await.with_context(|| {
-            format!(
-                "setting up the NATS client (--nats-url {})",
-                orderflow_store::redact(&common.nats_url)
-            )
-        })?;
+        let nats = Nats::connect(&common.nats_config(name)?)
+            .await
+            .with_context(|| {
+                format!(
+                    "setting up the NATS client (--nats-url {})",
+                    orderflow_store::redact(&common.nats_url)
+                )
+            })?;
 
         let readiness = Readiness::default();
         let n = nats.clone();
@@ -292,16 +288,9 @@ impl ServiceHost {
                 .local_addr()
                 .context("reading the HTTP listener's address")?;
             tracing::info!(%addr, listener = which, "HTTP listening");
-            let http_stop = stop.clone();
             workers.spawn(
-                async move {
-                    let server = axum::serve(listener, app)
-                        .with_graceful_shutdown(http_stop.cancelled_owned());
-                    if let Err(e) = server.await {
-                        tracing::error!(error = %e, listener = which, "HTTP server failed");
-                    }
-                }
-                .instrument(span.clone()),
+                crate::server::serve(listener, app, common.http_limits(), stop.clone())
+                    .instrument(span.clone()),
             );
         }
         let upkeep_stop = stop.clone();
@@ -387,7 +376,8 @@ fn http_apps(
             require_operator,
         ))
         .merge(probe_routes(readiness.clone(), true))
-        .merge(metrics_route(metrics.clone()));
+        .merge(metrics_route(metrics.clone()))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
     let mut apps = vec![("admin", admin.listener, admin_app)];
     if let Some(public) = public {
         let public_app = public.routes.merge(probe_routes(readiness.clone(), false));
@@ -395,6 +385,9 @@ fn http_apps(
     }
     apps
 }
+
+/// The largest request body an admin route accepts (operations are small JSON documents).
+pub const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
 /// A bound listener and what it serves.
 struct Listener {

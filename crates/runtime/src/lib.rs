@@ -8,6 +8,8 @@
 //!   request correlation, and RFC 9457 problem responses;
 //! - [`admin`]: the operator endpoints (dead letters) every service serves;
 //! - [`auth`]: the operator token that guards the admin listener;
+//! - [`server`]: the HTTP server loop, with header-read and request timeouts and a
+//!   connection limit;
 //! - [`host`]: the service host — the composition root's shared half. It connects the
 //!   database and NATS, migrates, reconciles the topology, runs the outbox sweeper, the consumer
 //!   runners and the HTTP listeners (public and admin) on one task tracker, and shuts them
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod host;
 pub mod http;
+pub mod server;
 pub mod telemetry;
 
 pub use config::{CommonConfig, parse_duration};

@@ -50,6 +50,7 @@ mod nats;
 mod postgres;
 mod process;
 mod sqlite;
+mod tls;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
@@ -65,6 +66,7 @@ pub use postgres::{
 };
 pub use process::ChildProcess;
 pub use sqlite::TempSqlite;
+pub use tls::TestPki;
 
 /// How often [`eventually`] and the readiness waits re-check their condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);

@@ -14,6 +14,7 @@
 //! offending field as a JSON pointer. Nothing is stored or published for a rejected request.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -27,10 +28,11 @@ use orderflow_messaging::Outbox;
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::{RequestContext, invalid_parameter, not_found, payload_too_large};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::domain;
 use crate::placer::{self, Placed};
-use crate::saga::ORDERS_PLACED_TOTAL;
+use crate::saga::{ORDERS_PLACED_TOTAL, ORDERS_SHED_TOTAL};
 use crate::store::{self, ListFilter};
 
 /// The largest request body accepted.
@@ -43,6 +45,34 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub struct Api {
     /// The orders database, with its outbox (new orders publish `orders.created`).
     pub outbox: Outbox,
+    /// Orders being placed right now, bounded: past the bound a new order is refused at once
+    /// (`503` with `Retry-After`) instead of queueing without limit behind the database.
+    pub placing: Arc<Semaphore>,
+}
+
+impl Api {
+    /// The routes' state, with at most `max_placing` orders being placed at once.
+    pub fn new(outbox: Outbox, max_placing: usize) -> Self {
+        Self {
+            outbox,
+            placing: Arc::new(Semaphore::new(max_placing)),
+        }
+    }
+}
+
+/// `503`: too many orders are being placed; the client should retry after a second.
+fn overloaded() -> Response {
+    let mut response = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "Overloaded",
+        "too many orders are being placed right now; retry after a second",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// The public listener's routes: place an order, read one.
@@ -88,10 +118,23 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(key.to_owned()))
 }
 
-/// `POST /v1/orders`.
+/// `POST /v1/orders`: sheds load past the placing bound, then places.
 async fn place(
     State(api): State<Api>,
     Extension(ctx): Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let Ok(_slot) = api.placing.clone().try_acquire_owned() else {
+        metrics::counter!(ORDERS_SHED_TOTAL).increment(1);
+        return Ok(overloaded());
+    };
+    place_within_bound(api, ctx, headers, body).await
+}
+
+async fn place_within_bound(
+    api: Api,
+    ctx: RequestContext,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {

@@ -75,6 +75,11 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_SAGA_DEADLINE", default_value = "60s", value_parser = parse_duration)]
     pub saga_deadline: Duration,
 
+    /// Orders being placed at once (waiting for their commit); past this, `POST /v1/orders`
+    /// answers `503` with `Retry-After: 1` at once instead of queueing without bound.
+    #[arg(long, env = "ORDERFLOW_MAX_PENDING_ORDERS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_pending_orders: u32,
+
     /// How often pending orders are checked against the saga deadline.
     #[arg(long, env = "ORDERFLOW_SAGA_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub saga_check_interval: Duration,
@@ -107,9 +112,10 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     host.background("saga deadline", move |stop| {
         saga::run_deadline_sweep(outbox, deadline, every, stop)
     });
-    let api = api::Api {
-        outbox: host.outbox().clone(),
-    };
+    let api = api::Api::new(
+        host.outbox().clone(),
+        usize::try_from(config.max_pending_orders).unwrap_or(usize::MAX),
+    );
     host.bind(
         Some((config.http_addr, api::public_routes(api.clone()))),
         (config.admin_addr, api::admin_routes(api)),

@@ -29,6 +29,8 @@ pub const SAGA_SECONDS: &str = "orderflow_saga_duration_seconds";
 /// `payments.completed` events that confirmed nothing because their amount was not the
 /// order's reserved total, by `reason`.
 pub const PAYMENTS_REFUSED_TOTAL: &str = "orderflow_payments_refused_total";
+/// Orders refused with `503` because too many were being placed at once.
+pub const ORDERS_SHED_TOTAL: &str = "orderflow_orders_shed_total";
 /// Orders accepted by the API.
 pub const ORDERS_PLACED_TOTAL: &str = "orderflow_orders_placed_total";
 

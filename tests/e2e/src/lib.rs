@@ -101,6 +101,9 @@ pub struct Options {
     /// `deploy/nats` run it). The test then reaches NATS as the operator
     /// ([`System::operator_nats`]) or as a service ([`System::nats_config_as`]).
     pub nats_auth: bool,
+    /// NATS speaks only TLS, with certificates the test makes, and verifies its clients'
+    /// certificates: every service connects with `--nats-tls-ca/cert/key`.
+    pub nats_tls: bool,
 }
 
 impl Default for Options {
@@ -118,6 +121,7 @@ impl Default for Options {
             private_postgres: false,
             nats_sync_always: false,
             nats_auth: false,
+            nats_tls: false,
         }
     }
 }
@@ -369,6 +373,8 @@ pub struct System {
     pub backend: &'static str,
     /// The nkeys of [`Options::nats_auth`].
     nats_users: Option<NatsUsers>,
+    /// The certificates of [`Options::nats_tls`] (the authority, the server's, a client's).
+    pki: Option<orderflow_testkit::TestPki>,
 }
 
 /// One nkey per service and one for the operator, the seeds in files of a temp dir.
@@ -481,10 +487,21 @@ impl System {
     ) -> Self {
         let [orders_db, inventory_db, payments_db] = urls;
         let nats_users = options.nats_auth.then(NatsUsers::new);
+        let pki = options
+            .nats_tls
+            .then(|| orderflow_testkit::TestPki::new(&[]));
+        let nats_config: Vec<String> = nats_users
+            .as_ref()
+            .map(|u| u.config.clone())
+            .into_iter()
+            .chain(pki.as_ref().map(|p| p.nats_tls_block(true)))
+            .collect();
         let nats = Broker::start(
             options.nats_cluster,
             options.nats_sync_always,
-            nats_users.as_ref().map(|u| u.config.as_str()),
+            (!nats_config.is_empty())
+                .then(|| nats_config.join("\n"))
+                .as_deref(),
         )
         .await;
         let nats_url = nats.url();
@@ -516,6 +533,16 @@ impl System {
                     "ORDERFLOW_NATS_NKEY_SEED_FILE".to_owned(),
                     users.seed_file(service.binary()).display().to_string(),
                 ));
+            }
+            if let Some(pki) = &pki {
+                let (cert, key) = pki.client();
+                for (name, path) in [
+                    ("ORDERFLOW_NATS_TLS_CA", pki.ca()),
+                    ("ORDERFLOW_NATS_TLS_CERT", cert),
+                    ("ORDERFLOW_NATS_TLS_KEY", key),
+                ] {
+                    env.push((name.to_owned(), path.display().to_string()));
+                }
             }
             env
         };
@@ -595,6 +622,7 @@ impl System {
             http: orderflow_testkit::admin_client(),
             backend,
             nats_users,
+            pki,
         };
         let all = [
             Service::Provider,
@@ -623,10 +651,14 @@ impl System {
     }
 
     /// How to reach NATS as `user` (a service's binary name, or the operator: `operator`),
-    /// with its nkey when [`Options::nats_auth`] is on.
+    /// with its nkey when [`Options::nats_auth`] is on and TLS when [`Options::nats_tls`] is.
     pub fn nats_config_as(&self, user: &str) -> orderflow_messaging::NatsConfig {
         let mut config = orderflow_messaging::NatsConfig::new(self.nats.url(), user);
         config.nkey_seed = self.nats_users.as_ref().and_then(|u| u.seed(user));
+        config.tls = self.pki.as_ref().map(|pki| orderflow_messaging::NatsTls {
+            ca: pki.ca(),
+            client: Some(pki.client()),
+        });
         config
     }
 

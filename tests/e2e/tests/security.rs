@@ -335,3 +335,156 @@ async fn each_service_reaches_nats_with_its_own_nkey_and_subjects() {
         "one payments.completed: the real one"
     );
 }
+
+/// A client that sends half a request and then nothing (slowloris) is cut off after the
+/// header-read timeout, and the connection limit keeps such clients from taking more than
+/// their share: with every slot held, a new request waits, and is served once the slots
+/// free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_bounded() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            extra_env: vec![
+                ("ORDERFLOW_HTTP_HEADER_TIMEOUT".into(), "2s".into()),
+                ("ORDERFLOW_HTTP_MAX_CONNECTIONS".into(), "2".into()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let public = system.url(Service::Order);
+    let addr = public.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"POST /v1/orders HTTP/1.1\r\nHost: orderflow\r\nContent-Type: appl")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let started = std::time::Instant::now();
+    // Both slots are held: a new request is not served meanwhile.
+    let waiting = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap()
+        .get(format!("{public}/livez"))
+        .send()
+        .await;
+    assert!(
+        waiting.is_err(),
+        "served past the connection limit: {waiting:?}"
+    );
+    // The slow clients are cut off after the header timeout...
+    for mut stream in slow {
+        let mut buffer = Vec::new();
+        // The read ends (end of stream, or a reset) only when the server closes.
+        let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut buffer))
+            .await
+            .expect("a slow client was never cut off");
+    }
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(1500),
+        "cut off before the header timeout: {cut_after:?}"
+    );
+    // ...and the slots serve others again.
+    let r = reqwest::get(format!("{public}/livez")).await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Past the bound of orders being placed at once, `POST /v1/orders` answers `503` with
+/// `Retry-After` at once instead of queueing; what it refused is not stored, what it accepted
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_placing_bound_is_shed_with_retry_after() {
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            extra_env: vec![("ORDERFLOW_MAX_PENDING_ORDERS".into(), "1".into())],
+            ..Options::default()
+        },
+    )
+    .await;
+    let body = orderflow_e2e::order_body("burst", &[("SKU-001", 1)], "card_ok");
+    let responses =
+        futures::future::join_all((0..100).map(|_| system.post_order(&body, None))).await;
+    let mut accepted = Vec::new();
+    let mut shed = 0;
+    for r in responses {
+        match r.status().as_u16() {
+            202 => accepted.push(
+                r.json::<Value>().await.unwrap()["order_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ),
+            503 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                assert_eq!(r.headers()["content-type"], "application/problem+json");
+                assert_eq!(r.json::<Value>().await.unwrap()["code"], "overloaded");
+                shed += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        shed > 0,
+        "nothing was shed from a burst of 100 with a bound of 1"
+    );
+    assert!(!accepted.is_empty(), "nothing was accepted");
+    for id in &accepted {
+        assert_eq!(system.terminal(id).await["status"], "confirmed");
+    }
+    let listed = system
+        .get_json(Service::Order, "/v1/orders?customer_id=burst&limit=100")
+        .await;
+    assert_eq!(
+        listed["orders"].as_array().unwrap().len(),
+        accepted.len(),
+        "a shed order was stored"
+    );
+}
+
+/// NATS over TLS with client certificates (and nkeys): the saga runs; a client without TLS,
+/// or with TLS but no certificate the authority signed, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_verifies_both_ends() {
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            nats_auth: true,
+            nats_tls: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let id = system.place(&[("SKU-003", 1)], "card_ok").await;
+    assert_eq!(system.terminal(&id).await["status"], "confirmed");
+
+    let plain = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(system.nats.urls())
+        .await;
+    assert!(plain.is_err(), "a client without TLS was let in");
+
+    let operator = orderflow_messaging::access::OPERATOR;
+    let mut anonymous_tls = system.nats_config_as(operator);
+    anonymous_tls.tls.as_mut().unwrap().client = None;
+    let without_certificate = orderflow_messaging::Nats::connect(&anonymous_tls)
+        .await
+        .unwrap();
+    assert!(
+        without_certificate
+            .wait_connected(Duration::from_secs(3))
+            .await
+            .is_err(),
+        "a TLS client without a certificate was let in"
+    );
+    // The operator, with TLS and its certificate, gets in.
+    system.operator_nats().await;
+}

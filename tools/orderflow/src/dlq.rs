@@ -60,6 +60,35 @@ pub struct DlqArgs {
     )]
     pub nats_nkey_seed_file: Option<std::path::PathBuf>,
 
+    /// PEM file of the authorities of the NATS servers' certificates: TLS to NATS.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_NATS_TLS_CA",
+        value_name = "FILE"
+    )]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM files of a client certificate and its key, for servers that verify clients.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["nats_tls_key", "nats_tls_ca"]
+    )]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    /// The key of --nats-tls-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLOW_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+
     /// How long to wait for a connection to NATS before giving up (e.g. 5s, 500ms, 1m).
     #[arg(
         long,
@@ -313,7 +342,14 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         .nats_nkey_seed_file
         .clone()
         .or_else(crate::up::default_operator_seed);
-    let nats = connect(&args.nats_url, seed.as_deref(), args.connect_timeout).await?;
+    let tls = args
+        .nats_tls_ca
+        .clone()
+        .map(|ca| orderflow_messaging::NatsTls {
+            ca,
+            client: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
+        });
+    let nats = connect(&args.nats_url, seed.as_deref(), tls, args.connect_timeout).await?;
     let dead_letters = DeadLetters::new(&nats);
     let outcome = match args.command {
         DlqCommand::List(a) => list(&dead_letters, &a).await,
@@ -337,15 +373,17 @@ fn check_scope(operation: &str, filter: &FilterArgs, all: bool) -> anyhow::Resul
     Ok(())
 }
 
-/// Connects (with the nkey seed in `seed`, if any) and waits for the connection, at most
-/// `timeout`.
+/// Connects (with the nkey seed in `seed` and TLS, if given) and waits for the connection,
+/// at most `timeout`.
 async fn connect(
     url: &str,
     seed: Option<&std::path::Path>,
+    tls: Option<orderflow_messaging::NatsTls>,
     timeout: Duration,
 ) -> anyhow::Result<Nats> {
     let redacted = orderflow_store::redact(url);
     let mut config = NatsConfig::new(url, CLIENT_NAME);
+    config.tls = tls;
     if let Some(seed) = seed {
         config = config
             .nkey_seed_file(seed)
