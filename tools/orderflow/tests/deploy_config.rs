@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use orderflow_contracts::names::{streams, subjects};
-use orderflow_messaging::{Nats, NatsConfig, Publisher, Topology, TopologySettings, access};
-use orderflow_testkit::{ChildProcess, eventually, nats_server_binary};
+use orderflow_messaging::{
+    Nats, NatsConfig, NatsTls, Publisher, Topology, TopologySettings, access,
+};
+use orderflow_testkit::{ChildProcess, TestPki, eventually, nats_server_binary};
 use serde_json::Value;
 
 /// How long a node may take to start, to catch up, or to leave in lame duck mode (its grace
@@ -172,8 +174,9 @@ impl Node {
     }
 }
 
-/// Writes the three nodes' configuration into `dir`.
-fn materialise(dir: &Path, users: &Users) -> Vec<Node> {
+/// Writes the three nodes' configuration into `dir`, with `pki`'s certificates in place of
+/// /etc/nats/tls.
+fn materialise(dir: &Path, users: &Users, pki: &TestPki) -> Vec<Node> {
     let shared = read(&deploy_dir().join("cluster.conf"));
     let ports = free_ports();
     (0..NODES)
@@ -196,6 +199,11 @@ fn materialise(dir: &Path, users: &Users) -> Vec<Node> {
                     &format!("nats-route://127.0.0.1:{}", other.route),
                 );
             }
+            config = rewrite(
+                &config,
+                "/etc/nats/tls/",
+                &format!("{}/", pki.dir().display()),
+            );
             let store = node_dir.join("jetstream");
             config = rewrite(
                 &config,
@@ -218,17 +226,21 @@ fn materialise(dir: &Path, users: &Users) -> Vec<Node> {
         .collect()
 }
 
-/// The committed files pass the server's own configuration check.
+/// The committed files pass the server's own configuration check (with the certificate
+/// paths pointing at certificates made here).
 #[test]
 fn every_node_file_passes_the_servers_config_check() {
-    for n in 1..=NODES {
-        let file = deploy_dir().join(format!("nats-{n}.conf"));
+    let dir = tempfile::tempdir().unwrap();
+    let users = Users::new();
+    let pki = TestPki::new(&["nats-1", "nats-2", "nats-3"]);
+    for node in materialise(dir.path(), &users, &pki) {
+        let file = node.config;
         // From another directory: the include must resolve relative to the file.
         let output = Command::new(nats_server_binary())
             .arg("-t")
             .arg("-c")
             .arg(&file)
-            .envs(Users::new().env())
+            .envs(users.env())
             .current_dir(std::env::temp_dir())
             .output()
             .unwrap();
@@ -246,7 +258,8 @@ fn every_node_file_passes_the_servers_config_check() {
 async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let users = Users::new();
-    let mut nodes = materialise(dir.path(), &users);
+    let pki = TestPki::new(&["nats-1", "nats-2", "nats-3"]);
+    let mut nodes = materialise(dir.path(), &users, &pki);
     for node in &mut nodes {
         node.start();
     }
@@ -291,8 +304,13 @@ async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
 
     // orderflow's streams, with 3 replicas, as the services create them on a cluster.
     let urls: Vec<String> = nodes.iter().map(Node::url).collect();
+    let tls = NatsTls {
+        ca: pki.ca(),
+        client: Some(pki.client()),
+    };
     let mut operator = NatsConfig::new(urls.join(","), "deploy-config-test");
     operator.nkey_seed = Some(users.seed(access::OPERATOR));
+    operator.tls = Some(tls.clone());
     let nats = Nats::connect(&operator).await.unwrap();
     nats.wait_connected(WAIT).await.unwrap();
     let settings = TopologySettings {
@@ -303,20 +321,34 @@ async fn a_cluster_from_the_files_replicates_streams_and_restarts_gracefully() {
         .reconcile_streams(&nats)
         .await
         .unwrap();
+    let (cert, key) = pki.client();
     let js = jetstream::new(
         async_nats::ConnectOptions::with_nkey(users.seed(access::OPERATOR))
+            .require_tls(true)
+            .add_root_certificates(pki.ca())
+            .add_client_certificate(cert.clone(), key.clone())
             .connect(urls.clone())
             .await
             .unwrap(),
     );
-    // Anonymous clients are refused, and a service's user publishes only its own events.
+    // Anonymous clients are refused (over TLS with a good certificate, and without TLS), and
+    // a service's user publishes only its own events.
     let anonymous = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(pki.ca())
+        .add_client_certificate(cert, key)
         .connection_timeout(Duration::from_secs(5))
         .connect(urls.clone())
         .await;
     assert!(anonymous.is_err(), "an anonymous client was let in");
+    let plain = async_nats::ConnectOptions::with_nkey(users.seed(access::OPERATOR))
+        .connection_timeout(Duration::from_secs(5))
+        .connect(urls.clone())
+        .await;
+    assert!(plain.is_err(), "a client without TLS was let in");
     let mut inventory = NatsConfig::new(urls.join(","), "inventory-service");
     inventory.nkey_seed = Some(users.seed("inventory-service"));
+    inventory.tls = Some(tls.clone());
     inventory.request_timeout = Duration::from_secs(1);
     let inventory = Nats::connect(&inventory).await.unwrap();
     inventory.wait_connected(WAIT).await.unwrap();
