@@ -114,6 +114,13 @@ pub struct CommonConfig {
     #[arg(long, env = "ORDERFLOW_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub http_max_connections: u32,
 
+    /// PostgreSQL: PEM file of the authority the server's certificate must chain to (and name
+    /// the URL's host). Put `sslmode=require` in the URL so the connection cannot fall back to
+    /// plain text. Without it, TLS (`sslmode=prefer`, the default, or `require`) encrypts but
+    /// does not authenticate the server.
+    #[arg(long, env = "ORDERFLOW_DB_TLS_CA")]
+    pub db_tls_ca: Option<PathBuf>,
+
     /// How long graceful shutdown may take before the process exits anyway.
     #[arg(long, env = "ORDERFLOW_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,

@@ -92,6 +92,7 @@ impl ServiceHost {
         let options = DbOptions {
             max_connections: common.db_max_connections,
             durability: common.db_durability,
+            tls_ca: common.db_tls_ca.clone(),
             ..DbOptions::default()
         };
         let db = Db::connect(database_url, &options)

@@ -111,6 +111,10 @@ pub struct DbOptions {
     /// SQLite: whether a commit waits for the disk. (PostgreSQL: the server's
     /// `synchronous_commit` decides.)
     pub durability: Durability,
+    /// PostgreSQL: the certificate authority the server's certificate must chain to (and
+    /// name the URL's host). Without it a TLS connection (`sslmode=prefer` or `require` in
+    /// the URL) is encrypted but the server is not authenticated; see [`crate::tls`].
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for DbOptions {
@@ -119,6 +123,7 @@ impl Default for DbOptions {
             max_connections: 4,
             connect_timeout: Duration::from_secs(5),
             durability: Durability::Full,
+            tls_ca: None,
         }
     }
 }
@@ -441,7 +446,8 @@ impl Db {
             Backend::Postgres => {
                 // Connected here so a bad URL fails at start, with its reason; the first
                 // thread takes this connection, the others connect on first use.
-                let mut probe = PgSession::new(url, options.connect_timeout)?;
+                let tls = crate::tls::connector(options.tls_ca.as_deref())?;
+                let mut probe = PgSession::new(url, options.connect_timeout, tls)?;
                 let probe =
                     tokio::task::spawn_blocking(move || probe.ensure_connected().map(|()| probe))
                         .await
@@ -482,15 +488,15 @@ impl Db {
             Backend::Postgres => {
                 // Checked before any thread starts.
                 crate::postgres::parse_url(url)?;
+                let tls = crate::tls::connector(options.tls_ca.as_deref())?;
                 let (url, timeout) = (url.to_owned(), options.connect_timeout);
                 let first = Arc::new(Mutex::new(probe));
                 let writer = Pool::start("db-pg", threads, false, move || {
                     let taken = first.lock().unwrap_or_else(PoisonError::into_inner).take();
                     match taken {
                         Some(s) => Ok(Session::Postgres(Box::new(s))),
-                        None => {
-                            PgSession::new(&url, timeout).map(|s| Session::Postgres(Box::new(s)))
-                        }
+                        None => PgSession::new(&url, timeout, tls.clone())
+                            .map(|s| Session::Postgres(Box::new(s))),
                     }
                 })?;
                 Inner {

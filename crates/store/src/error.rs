@@ -24,6 +24,9 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The TLS settings cannot be used (an unreadable or empty certificate file).
+    #[error("PostgreSQL TLS: {0}")]
+    Tls(String),
     /// Connecting to PostgreSQL took longer than the connect timeout.
     #[error("connecting to PostgreSQL at {0} timed out")]
     ConnectTimeout(String),
@@ -58,6 +61,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::UnsupportedUrl(_)
+            | Self::Tls(_)
             | Self::Decode(_)
             | Self::Parameters { .. }
             | Self::Panicked(_) => false,

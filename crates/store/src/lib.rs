@@ -24,6 +24,7 @@ pub mod migrate;
 mod postgres;
 mod queue;
 mod sqlite;
+pub mod tls;
 mod tx;
 mod value;
 

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::future::{try_join, try_join_all};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::{Row, StoreError, Value, redact};
 
@@ -22,6 +22,7 @@ const STATEMENT_CACHE: usize = 256;
 pub(crate) struct PgSession {
     runtime: tokio::runtime::Runtime,
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     url: String,
     connect_timeout: Duration,
     client: Option<Client>,
@@ -40,7 +41,11 @@ pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError>
 
 impl PgSession {
     /// A session that connects on first use.
-    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, StoreError> {
+    pub(crate) fn new(
+        url: &str,
+        connect_timeout: Duration,
+        tls: tokio_postgres_rustls::MakeRustlsConnect,
+    ) -> Result<Self, StoreError> {
         let mut config = parse_url(url)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -53,6 +58,7 @@ impl PgSession {
         Ok(Self {
             runtime,
             config,
+            tls,
             url: redact(url),
             connect_timeout,
             client: None,
@@ -69,7 +75,7 @@ impl PgSession {
         self.client = None;
         self.statements.clear();
         self.deferred = None;
-        let connect = self.config.connect(NoTls);
+        let connect = self.config.connect(self.tls.clone());
         let timeout = self.connect_timeout;
         let (client, connection) = self
             .runtime

@@ -359,3 +359,65 @@ async fn a_closed_database_refuses_work() {
     assert!(matches!(err, StoreError::Closed), "{err}");
     assert!(err.is_transient());
 }
+
+/// TLS to PostgreSQL: `sslmode=require` encrypts; with the server's certificate authority
+/// the server is also authenticated, and a server whose certificate another authority signed
+/// is refused; `sslmode=disable` stays plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_speaks_tls_and_checks_the_server_against_the_given_authority() {
+    use orderflow_testkit::{PostgresServer, TestPki};
+    let pki = TestPki::new(&[]);
+    let (cert, key) = pki.server();
+    let server = PostgresServer::builder().tls(cert, key).start().await;
+    let base = server.database_url("postgres");
+    let ssl_in_use = |db: Db| async move {
+        db.read(|tx| {
+            tx.query(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                params![],
+                |r| r.get::<bool>(0),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let options = |ca: Option<std::path::PathBuf>| DbOptions {
+        tls_ca: ca,
+        max_connections: 1,
+        ..DbOptions::default()
+    };
+    let require = format!("{base}?sslmode=require");
+
+    let encrypted = Db::connect(&require, &options(None)).await.unwrap();
+    assert_eq!(ssl_in_use(encrypted).await, [true], "sslmode=require");
+    let verified = Db::connect(&require, &options(Some(pki.ca())))
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl_in_use(verified).await,
+        [true],
+        "verified against the CA"
+    );
+    let plain = Db::connect(&format!("{base}?sslmode=disable"), &options(None))
+        .await
+        .unwrap();
+    assert_eq!(ssl_in_use(plain).await, [false], "sslmode=disable");
+
+    let stranger = TestPki::new(&[]);
+    let refused = Db::connect(&require, &options(Some(stranger.ca()))).await;
+    let Err(error) = refused else {
+        panic!("a server another authority vouches for was trusted")
+    };
+    assert!(
+        format!("{error:#}").to_lowercase().contains("certificate")
+            || std::error::Error::source(&error)
+                .is_some_and(|s| format!("{s:?}").to_lowercase().contains("certificate")),
+        "{error:?}"
+    );
+    let missing = Db::connect(&require, &options(Some("/nonexistent/ca.pem".into()))).await;
+    assert!(
+        matches!(missing, Err(StoreError::Tls(ref why)) if why.contains("/nonexistent/ca.pem")),
+        "{:?}",
+        missing.err()
+    );
+}

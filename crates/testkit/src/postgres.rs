@@ -3,6 +3,7 @@
 //! [`TestDatabase`] gives one test a fresh, empty database — on the shared server named by
 //! `ORDERFLOW_TEST_POSTGRES_URL` when set, else on a private server.
 
+use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,6 +73,7 @@ pub struct PostgresServerBuilder {
     data_dir: Option<PathBuf>,
     port: Option<u16>,
     bin_dir: Option<PathBuf>,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PostgresServerBuilder {
@@ -97,6 +99,14 @@ impl PostgresServerBuilder {
     #[must_use]
     pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Serve TLS (`ssl = on`) with this certificate and key (PEM files; copied into the
+    /// server's dir, where only the server's user may read the key).
+    #[must_use]
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls = Some((cert.into(), key.into()));
         self
     }
 
@@ -127,12 +137,32 @@ impl PostgresServerBuilder {
             std::path::absolute(&data)
                 .unwrap_or_else(|e| panic!("cannot make {} absolute: {e}", data.display()))
         });
+        let tls = self.tls.map(|(cert, key)| {
+            let (to_cert, to_key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(&cert, &to_cert)
+                .unwrap_or_else(|e| panic!("cannot copy {}: {e}", cert.display()));
+            std::fs::copy(&key, &to_key)
+                .unwrap_or_else(|e| panic!("cannot copy {}: {e}", key.display()));
+            std::fs::set_permissions(&to_key, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", to_key.display()));
+            if process::is_root() {
+                run(
+                    Command::new("chown")
+                        .arg("postgres")
+                        .arg(&to_cert)
+                        .arg(&to_key),
+                    "chown the TLS files",
+                );
+            }
+            (to_cert, to_key)
+        });
         let mut server = PostgresServer {
             bin_dir,
             port: 0,
             running: false,
             persistent_data,
             dir,
+            tls,
         };
         let needs_init = match &server.persistent_data {
             None => true,
@@ -210,6 +240,8 @@ pub struct PostgresServer {
     persistent_data: Option<PathBuf>,
     /// Socket, server log and (unless persistent) the cluster; removed on drop.
     dir: TempDir,
+    /// The certificate and key it serves TLS with, in `dir`.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PostgresServer {
@@ -349,6 +381,14 @@ impl PostgresServer {
         if self.persistent_data.is_none() {
             // Throwaway data need not survive a crash; skipping fsync makes tests faster.
             options.push_str(" -c fsync=off");
+        }
+        if let Some((cert, key)) = &self.tls {
+            let _ = write!(
+                options,
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
         }
         let output = self
             .pg_command("pg_ctl")
