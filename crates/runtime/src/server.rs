@@ -14,6 +14,7 @@
 //! Shutdown is graceful: the listener closes, idle connections close, requests in flight
 //! finish (bounded by the caller's shutdown timeout).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,12 +52,51 @@ impl Default for Limits {
     }
 }
 
+/// Makes ring the process's TLS crypto provider (once; later calls do nothing): every
+/// reqwest client needs one (the workspace builds reqwest with rustls and no provider of its
+/// own). Binaries call it first thing.
+pub fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A server certificate and key (PEM files) for HTTPS.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("reading the certificate {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the certificate and key do not go together")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops accepting and waits
 /// for the connections to finish their requests in flight.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    shutdown: CancellationToken,
+) {
+    serve_with(listener, app, limits, None, shutdown).await;
+}
+
+/// [`serve`], over TLS when `tls` is given (the handshake must finish within the
+/// header-read timeout).
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -96,13 +136,36 @@ pub async fn serve(
             app.clone()
                 .map_request(|request: Request<Incoming>| request.map(Body::new)),
         );
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Some(tls) = tls.clone() else {
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                drop(slot);
+            });
+            continue;
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, "HTTPS connection ended with an error");
             }
             drop(slot);
         });

@@ -29,25 +29,9 @@ pub(crate) fn connector(ca: Option<&Path>) -> Result<MakeRustlsConnect, StoreErr
         .with_safe_default_protocol_versions()
         .map_err(|e| StoreError::Tls(e.to_string()))?;
     let config = match ca {
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            let certificates = CertificateDer::pem_file_iter(path)
-                .map_err(|e| StoreError::Tls(format!("reading {}: {e}", path.display())))?;
-            for certificate in certificates {
-                let certificate = certificate
-                    .map_err(|e| StoreError::Tls(format!("reading {}: {e}", path.display())))?;
-                roots
-                    .add(certificate)
-                    .map_err(|e| StoreError::Tls(format!("{}: {e}", path.display())))?;
-            }
-            if roots.is_empty() {
-                return Err(StoreError::Tls(format!(
-                    "{} holds no certificate",
-                    path.display()
-                )));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        Some(path) => builder
+            .with_root_certificates(pem_roots(path).map_err(StoreError::Tls)?)
+            .with_no_client_auth(),
         None => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(EncryptOnly {
@@ -56,6 +40,24 @@ pub(crate) fn connector(ca: Option<&Path>) -> Result<MakeRustlsConnect, StoreErr
             .with_no_client_auth(),
     };
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// The certificate authorities in a PEM file, for a TLS client to trust (shared by every
+/// TLS client of orderflow: PostgreSQL here, the payment provider's HTTP client).
+pub fn pem_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    for certificate in certificates {
+        let certificate = certificate.map_err(|e| format!("reading {}: {e}", path.display()))?;
+        roots
+            .add(certificate)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(roots)
 }
 
 /// Accepts any server certificate (the handshake's signatures are still checked): libpq's

@@ -75,8 +75,21 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `Authorization: Bearer` to the admin listeners.
 pub const ADMIN_TOKEN: &str = "orderflow-test-operator-token";
 
+/// Makes ring the process's TLS crypto provider (once; later calls do nothing). Every HTTP
+/// client needs one (the workspace builds reqwest with rustls and no provider of its own).
+pub fn use_ring_for_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An HTTP client for tests, as `reqwest::Client::new()` (no timeout).
+pub fn http_client() -> reqwest::Client {
+    use_ring_for_tls();
+    reqwest::Client::new()
+}
+
 /// An HTTP client that sends the tests' operator token with every request.
 pub fn admin_client() -> reqwest::Client {
+    use_ring_for_tls();
     let mut headers = reqwest::header::HeaderMap::new();
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     headers.insert(

@@ -702,7 +702,9 @@ async fn the_service_applies_real_batches(db: TestDb) {
 
     // Real batches, applied whole: fewer batches than messages, every message acked, and no
     // batch rolled back to be applied message by message.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+    let metrics = orderflow_testkit::http_client()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

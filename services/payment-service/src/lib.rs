@@ -82,6 +82,11 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_PROVIDER_URL", default_value = "http://127.0.0.1:8090", value_parser = parse_provider_url)]
     pub provider_url: Url,
 
+    /// For an `https://` provider: a PEM file of the authorities to trust instead of the
+    /// system's.
+    #[arg(long, env = "ORDERFLOW_PROVIDER_TLS_CA")]
+    pub provider_tls_ca: Option<std::path::PathBuf>,
+
     /// How long one request to the provider may take.
     #[arg(long, env = "ORDERFLOW_PROVIDER_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
     pub provider_timeout: Duration,
@@ -133,6 +138,7 @@ impl Config {
             url: self.provider_url.clone(),
             timeout: self.provider_timeout,
             max_concurrency: usize::from(self.provider_max_concurrency),
+            tls_ca: self.provider_tls_ca.clone(),
         }
     }
 
@@ -159,11 +165,8 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 fn parse_provider_url(s: &str) -> Result<Url, String> {
     let url =
         Url::parse(s).map_err(|e| format!("{s:?} is not a URL like http://127.0.0.1:8090: {e}"))?;
-    if url.scheme() != "http" {
-        return Err(format!(
-            "{s:?}: only http:// is supported (this build has no TLS; reach an HTTPS provider \
-             through an egress proxy)"
-        ));
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{s:?}: use an http:// or https:// URL"));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
@@ -237,7 +240,7 @@ mod tests {
     #[test]
     fn bad_settings_are_named() {
         for (flag, value) in [
-            ("--provider-url", "https://provider.example"),
+            ("--provider-url", "ftp://provider.example"),
             ("--provider-url", "not a url"),
             ("--provider-timeout", "0s"),
             ("--payment-deadline", "soon"),

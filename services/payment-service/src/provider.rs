@@ -38,6 +38,8 @@ pub struct ProviderConfig {
     pub timeout: Duration,
     /// Requests in flight at once.
     pub max_concurrency: usize,
+    /// For `https://` URLs: a PEM file of the authorities to trust instead of the system's.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// What to charge.
@@ -167,10 +169,33 @@ pub struct Provider {
     slots: Arc<Semaphore>,
 }
 
+/// The TLS client settings (rustls, ring): the authorities in `ca`, or the system's.
+fn tls_config(ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let roots = if let Some(path) = ca {
+        orderflow_store::tls::pem_roots(path).map_err(anyhow::Error::msg)?
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in rustls_native_certs::load_native_certs().certs {
+            // A broken system certificate is skipped, as every TLS client does.
+            let _ = roots.add(certificate);
+        }
+        roots
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 impl Provider {
-    /// A client for the provider at `config.url`, guarded by `breaker`.
-    pub fn new(config: &ProviderConfig, breaker: CircuitBreaker) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(config.timeout).build()?;
+    /// A client for the provider at `config.url`, guarded by `breaker`. `https://` URLs are
+    /// verified against `config.tls_ca`, or the system's authorities.
+    pub fn new(config: &ProviderConfig, breaker: CircuitBreaker) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .use_preconfigured_tls(tls_config(config.tls_ca.as_deref())?)
+            .build()?;
         let mut base = config.url.clone();
         // `join` replaces the last path segment unless the path ends with a slash: keep a
         // prefix such as `http://gateway/provider` intact.

@@ -474,6 +474,7 @@ impl Auditor {
         nats.wait_connected(Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("auditor: {e}"));
+        orderflow_testkit::use_ring_for_tls();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

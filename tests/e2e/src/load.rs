@@ -220,6 +220,7 @@ async fn drive(
     accepted: Arc<AtomicUsize>,
     started: Arc<AtomicUsize>,
 ) -> Report {
+    orderflow_testkit::use_ring_for_tls();
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(plan.concurrency.max(1))

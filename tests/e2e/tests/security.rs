@@ -30,7 +30,7 @@ async fn assert_unauthorized(response: reqwest::Response, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them() {
     let system = System::start(TestDb::sqlite()).await;
-    let anonymous = reqwest::Client::new();
+    let anonymous = orderflow_testkit::http_client();
     let order_id = system.place(&[("SKU-001", 1)], "card_ok").await;
     system.terminal(&order_id).await;
 
@@ -196,7 +196,7 @@ async fn credentials_in_urls_are_never_shown() {
             ("RUST_LOG", "debug".to_owned()),
         ],
     );
-    let http = reqwest::Client::new();
+    let http = orderflow_testkit::http_client();
     let body = eventually(Duration::from_secs(30), "readyz names NATS", || async {
         let r = http
             .get(format!("http://127.0.0.1:{admin_port}/readyz"))
@@ -368,6 +368,7 @@ async fn slow_clients_are_cut_off_and_connections_are_bounded() {
     }
     let started = std::time::Instant::now();
     // Both slots are held: a new request is not served meanwhile.
+    orderflow_testkit::use_ring_for_tls();
     let waiting = reqwest::Client::builder()
         .timeout(Duration::from_millis(700))
         .build()
@@ -393,7 +394,11 @@ async fn slow_clients_are_cut_off_and_connections_are_bounded() {
         "cut off before the header timeout: {cut_after:?}"
     );
     // ...and the slots serve others again.
-    let r = reqwest::get(format!("{public}/livez")).await.unwrap();
+    let r = orderflow_testkit::http_client()
+        .get(format!("{public}/livez"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 

@@ -25,7 +25,7 @@ async fn a_service_started_before_nats_becomes_ready_when_it_comes_up() {
             ("ORDERFLOW_LOG_FORMAT", "json".to_owned()),
         ],
     );
-    let http = reqwest::Client::new();
+    let http = orderflow_testkit::http_client();
     let readyz = format!("http://127.0.0.1:{http_port}/readyz");
     let report = eventually(Duration::from_secs(30), "readyz answers", || async {
         let r = http.get(&readyz).send().await.map_err(|e| e.to_string())?;

@@ -148,7 +148,9 @@ impl Node {
     /// GET on the monitoring port: (status, body).
     async fn get(&self, path: &str) -> Result<(u16, String), String> {
         let url = format!("http://127.0.0.1:{}{path}", self.ports.monitor);
-        let response = reqwest::get(&url)
+        let response = orderflow_testkit::http_client()
+            .get(&url)
+            .send()
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let status = response.status().as_u16();

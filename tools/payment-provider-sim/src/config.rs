@@ -25,6 +25,14 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_HTTP_ADDR", default_value = "127.0.0.1:8090", value_parser = parse_addr)]
     pub http_addr: SocketAddr,
 
+    /// Serve HTTPS with this certificate (PEM; with --tls-key), as a real provider does.
+    #[arg(long, env = "ORDERFLOW_SIM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "ORDERFLOW_SIM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Log format: `auto` (pretty on a terminal, JSON otherwise), `json` or `pretty`.
     #[arg(long, env = "ORDERFLOW_LOG_FORMAT", default_value = "auto", value_parser = ["auto", "json", "pretty"])]
     pub log_format: String,
@@ -69,6 +77,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            tls_cert: None,
+            tls_key: None,
             log_format: "auto".to_owned(),
             shutdown_timeout: Duration::from_secs(10),
             latency: Duration::ZERO,

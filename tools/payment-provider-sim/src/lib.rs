@@ -60,12 +60,21 @@ pub use stats::StatsSnapshot;
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A bound, not yet serving, simulator: `build`, then `local_addr`, then `run_until_stopped`.
-#[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     simulator: Simulator,
     shutdown_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.addr)
+            .field("https", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Application {
@@ -78,11 +87,19 @@ impl Application {
         let addr = listener
             .local_addr()
             .context("reading the HTTP listener's address")?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                orderflow_runtime::server::tls_acceptor(cert, key)
+                    .context("setting up HTTPS (--tls-cert, --tls-key)")?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             listener,
             addr,
             simulator: Simulator::new(config.faults()),
             shutdown_timeout: config.shutdown_timeout,
+            tls,
         })
     }
 
@@ -107,6 +124,7 @@ impl Application {
             addr,
             simulator,
             shutdown_timeout,
+            tls,
         } = self;
         let accepting = Arc::new(AtomicBool::new(true));
         let readiness = Readiness::default();
@@ -135,13 +153,23 @@ impl Application {
         });
 
         let (stopping_tx, stopping_rx) = oneshot::channel::<()>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopping = stop.clone();
+        tokio::spawn(async move {
             shutdown.await;
             accepting.store(false, Ordering::Relaxed);
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = stopping_tx.send(());
+            stopping.cancel();
         });
-        tracing::info!(%addr, "payment provider simulator listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "payment provider simulator listening");
+        let limits = orderflow_runtime::server::Limits {
+            // Injected latency holds requests for up to ten minutes.
+            request_timeout: Duration::from_mins(15),
+            ..orderflow_runtime::server::Limits::default()
+        };
+        let server = orderflow_runtime::server::serve_with(listener, app, limits, tls, stop);
 
         // In-flight requests may be held by injected latency (up to ten minutes); do not wait
         // for them past the deadline.
@@ -153,7 +181,7 @@ impl Application {
             }
         };
         let result = tokio::select! {
-            result = server.into_future() => result.context("serving HTTP"),
+            () = server => Ok(()),
             () = deadline => {
                 tracing::warn!(timeout = ?shutdown_timeout, "in-flight requests did not finish within the shutdown timeout");
                 Ok(())

@@ -25,7 +25,7 @@ async fn start_with(config: Config) -> TestSim {
     let (addr, running) = spawn(&config).await.expect("the simulator starts");
     TestSim {
         base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
+        http: orderflow_testkit::http_client(),
         running,
     }
 }
@@ -736,6 +736,10 @@ async fn shutdown_stops_serving() {
     let url = sim.url("/livez");
     sim.running.shutdown().await.unwrap();
     // A fresh client: the old one may hold a pooled connection the server has just closed.
-    let error = reqwest::Client::new().get(url).send().await.unwrap_err();
+    let error = orderflow_testkit::http_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_err();
     assert!(error.is_connect(), "{error}");
 }

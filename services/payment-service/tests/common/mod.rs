@@ -16,7 +16,7 @@ use orderflow_contracts::{
     ProductId, Quantity, encode,
 };
 use orderflow_messaging::{Nats, NatsConfig, Published, Publisher};
-use orderflow_testkit::{NatsServer, TestDb, eventually};
+use orderflow_testkit::{NatsServer, TestDb, TestPki, eventually};
 use payment_provider_sim::{FaultsPatch, Running, Simulator, StatsSnapshot};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,9 @@ pub struct Options {
     pub breaker_failure_threshold: u32,
     pub provider_max_concurrency: u16,
     pub consumer_workers: u8,
+    /// The simulator serves HTTPS with certificates the test makes; the service trusts
+    /// their authority (`--provider-tls-ca`).
+    pub provider_tls: bool,
 }
 
 impl Default for Options {
@@ -42,6 +45,7 @@ impl Default for Options {
             breaker_failure_threshold: 5,
             provider_max_concurrency: 8,
             consumer_workers: 2,
+            provider_tls: false,
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct TestApp {
     pub js: jetstream::Context,
     pub options: Options,
     sim_addr: SocketAddr,
+    /// The certificates of [`Options::provider_tls`].
+    pki: Option<TestPki>,
     shutdown: CancellationToken,
     /// The running service; `None` between [`TestApp::stop_service`] and
     /// [`TestApp::start_service`].
@@ -87,8 +93,11 @@ fn init_logs() {
 pub async fn spawn_app(db: TestDb, options: Options) -> TestApp {
     init_logs();
     let nats_server = NatsServer::start().await;
+    let pki = options.provider_tls.then(|| TestPki::new(&[]));
     let sim_config = payment_provider_sim::Config {
         http_addr: ([127, 0, 0, 1], 0).into(),
+        tls_cert: pki.as_ref().map(|p| p.server().0),
+        tls_key: pki.as_ref().map(|p| p.server().1),
         ..payment_provider_sim::Config::default()
     };
     let (sim_addr, sim) = payment_provider_sim::spawn(&sim_config).await.unwrap();
@@ -105,6 +114,7 @@ pub async fn spawn_app(db: TestDb, options: Options) -> TestApp {
         js: jetstream::new(client),
         options,
         sim_addr,
+        pki,
         shutdown: CancellationToken::new(),
         task: None,
         db,
@@ -115,6 +125,11 @@ pub async fn spawn_app(db: TestDb, options: Options) -> TestApp {
 }
 
 impl TestApp {
+    /// Where the simulator listens.
+    pub fn sim_addr(&self) -> SocketAddr {
+        self.sim_addr
+    }
+
     pub fn sim(&self) -> &Simulator {
         self.sim.simulator()
     }
@@ -134,7 +149,9 @@ impl TestApp {
         let threshold = self.options.breaker_failure_threshold.to_string();
         let concurrency = self.options.provider_max_concurrency.to_string();
         let workers = self.options.consumer_workers.to_string();
-        let provider_url = format!("http://{}", self.sim_addr);
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let provider_url = format!("{scheme}://{}", self.sim_addr);
+        let provider_ca = self.pki.as_ref().map(|p| p.ca().display().to_string());
         let nats_url = self.nats_server.url();
         let args = [
             "payment-service",
@@ -169,6 +186,10 @@ impl TestApp {
             "--shutdown-timeout",
             "5s",
         ];
+        let mut args: Vec<&str> = args.to_vec();
+        if let Some(ca) = &provider_ca {
+            args.extend(["--provider-tls-ca", ca]);
+        }
         let config = payment_service::Config::try_parse_from(args).unwrap();
         let app = payment_service::build(config).await.unwrap();
         self.port = app.admin_addr().port();

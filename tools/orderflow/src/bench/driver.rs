@@ -88,6 +88,7 @@ pub struct Target {
 impl Target {
     /// The system: `POST /v1/orders`, completions on `orders.confirmed` / `orders.cancelled`.
     pub fn orders(system: &System) -> anyhow::Result<Self> {
+        orderflow_runtime::server::use_ring_for_tls();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .timeout(Duration::from_secs(30))

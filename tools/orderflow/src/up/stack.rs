@@ -268,6 +268,7 @@ impl Stack {
         timeout: Duration,
         signals: &mut Signals,
     ) -> anyhow::Result<Option<&'static str>> {
+        orderflow_runtime::server::use_ring_for_tls();
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(PROBE_TIMEOUT)
