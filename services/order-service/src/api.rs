@@ -23,13 +23,14 @@ use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use orderflow_contracts::OrderId;
+use orderflow_contracts::{CustomerId, OrderId};
 use orderflow_messaging::Outbox;
 use orderflow_runtime::Problem;
 use orderflow_runtime::http::{RequestContext, invalid_parameter, not_found, payload_too_large};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use crate::auth::{CustomerAuth, Unauthenticated};
 use crate::domain;
 use crate::placer::{self, Placed};
 use crate::saga::{ORDERS_PLACED_TOTAL, ORDERS_SHED_TOTAL};
@@ -48,15 +49,27 @@ pub struct Api {
     /// Orders being placed right now, bounded: past the bound a new order is refused at once
     /// (`503` with `Retry-After`) instead of queueing without limit behind the database.
     pub placing: Arc<Semaphore>,
+    /// Customers' tokens on the public routes, when verified (see [`crate::auth`]).
+    pub customers: Option<Arc<CustomerAuth>>,
 }
 
 impl Api {
-    /// The routes' state, with at most `max_placing` orders being placed at once.
-    pub fn new(outbox: Outbox, max_placing: usize) -> Self {
+    /// The routes' state, with at most `max_placing` orders being placed at once, and the
+    /// public routes verifying customers' tokens with `customers`.
+    pub fn new(outbox: Outbox, max_placing: usize, customers: Option<CustomerAuth>) -> Self {
         Self {
             outbox,
             placing: Arc::new(Semaphore::new(max_placing)),
+            customers: customers.map(Arc::new),
         }
+    }
+
+    /// The customer the request's token names, when tokens are verified.
+    fn customer(&self, headers: &HeaderMap) -> Result<Option<CustomerId>, Unauthenticated> {
+        self.customers
+            .as_ref()
+            .map(|auth| auth.customer(headers))
+            .transpose()
     }
 }
 
@@ -75,11 +88,12 @@ fn overloaded() -> Response {
     response
 }
 
-/// The public listener's routes: place an order, read one.
+/// The public listener's routes: place an order, read one (a customer's own, when tokens
+/// are verified).
 pub fn public_routes(api: Api) -> Router {
     Router::new()
         .route("/v1/orders", post(place))
-        .route("/v1/orders/{order_id}", get(show))
+        .route("/v1/orders/{order_id}", get(show_own))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
@@ -125,11 +139,15 @@ async fn place(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    let customer = match api.customer(&headers) {
+        Ok(customer) => customer,
+        Err(refused) => return Ok(refused.into_response()),
+    };
     let Ok(_slot) = api.placing.clone().try_acquire_owned() else {
         metrics::counter!(ORDERS_SHED_TOTAL).increment(1);
         return Ok(overloaded());
     };
-    place_within_bound(api, ctx, headers, body).await
+    place_within_bound(api, ctx, headers, body, customer).await
 }
 
 async fn place_within_bound(
@@ -137,6 +155,7 @@ async fn place_within_bound(
     ctx: RequestContext,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    customer: Option<CustomerId>,
 ) -> Result<Response, Problem> {
     if !is_json(&headers) {
         return Err(Problem::new(
@@ -154,7 +173,7 @@ async fn place_within_bound(
         }
     })?;
     let key = idempotency_key(&headers)?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
@@ -162,6 +181,23 @@ async fn place_within_bound(
             e.to_string(),
         )
     })?;
+    if let (Some(customer), Some(fields)) = (&customer, value.as_object_mut()) {
+        // The token names the customer; a body naming another one is refused.
+        match fields.get("customer_id") {
+            None => {
+                fields.insert("customer_id".to_owned(), json!(customer.as_str()));
+            }
+            Some(named) if named.as_str() == Some(customer.as_str()) => {}
+            Some(_) => {
+                return Err(Problem::new(
+                    StatusCode::FORBIDDEN,
+                    "customer_mismatch",
+                    "Another customer",
+                    "customer_id is not the customer of your token: leave it out",
+                ));
+            }
+        }
+    }
     let order = domain::validate(&value).map_err(|errors| {
         let detail = format!(
             "{} invalid field(s): {}",
@@ -218,6 +254,25 @@ fn accepted(order_id: OrderId, status: &str, correlation_id: &str, replayed: boo
 }
 
 /// `GET /v1/orders/{id}`.
+/// `GET /v1/orders/{id}` on the public listener: with tokens verified, only the order's own
+/// customer reads it (another gets `404`, as for an order that does not exist).
+async fn show_own(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, Problem> {
+    let customer = match api.customer(&headers) {
+        Ok(customer) => customer,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    let order_id: OrderId = raw.parse().map_err(|e| invalid_parameter("order_id", e))?;
+    let view = store::get_order(api.outbox.db(), order_id)
+        .await?
+        .filter(|view| customer.is_none_or(|c| c.as_str() == view.customer_id))
+        .ok_or_else(|| not_found(&format!("order {order_id}")))?;
+    Ok(axum::Json(view).into_response())
+}
+
 async fn show(State(api): State<Api>, Path(raw): Path<String>) -> Result<Response, Problem> {
     let order_id: OrderId = raw.parse().map_err(|e| invalid_parameter("order_id", e))?;
     let view = store::get_order(api.outbox.db(), order_id)
@@ -249,7 +304,7 @@ async fn list(
                 });
             }
             "customer_id" => {
-                let customer = orderflow_contracts::CustomerId::parse(value.clone())
+                let customer = CustomerId::parse(value.clone())
                     .map_err(|e| invalid_parameter("customer_id", e))?;
                 filter.customer_id = Some(customer.as_str().to_owned());
             }

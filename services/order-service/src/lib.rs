@@ -14,6 +14,7 @@
 //! - [`api`]: the HTTP API.
 
 pub mod api;
+pub mod auth;
 pub mod domain;
 pub mod handlers;
 pub mod placer;
@@ -80,6 +81,28 @@ pub struct Config {
     #[arg(long, env = "ORDERFLOW_MAX_PENDING_ORDERS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_pending_orders: u32,
 
+    /// Verify customers' JWT bearer tokens (HS256) on the public API with the secret in this
+    /// file (at least 32 bytes); the token's `sub` is the customer. Off without it.
+    #[arg(
+        long,
+        env = "ORDERFLOW_JWT_HS256_SECRET_FILE",
+        conflicts_with = "jwt_jwks_file"
+    )]
+    pub jwt_hs256_secret_file: Option<std::path::PathBuf>,
+
+    /// Verify customers' JWT bearer tokens with the public keys of this JWKS file (RS256,
+    /// ES256, EdDSA; chosen by the token's `kid`).
+    #[arg(long, env = "ORDERFLOW_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+
+    /// With JWT verification: the issuer (`iss`) tokens must name.
+    #[arg(long, env = "ORDERFLOW_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// With JWT verification: the audience (`aud`) tokens must name.
+    #[arg(long, env = "ORDERFLOW_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
     /// How often pending orders are checked against the saga deadline.
     #[arg(long, env = "ORDERFLOW_SAGA_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub saga_check_interval: Duration,
@@ -112,9 +135,16 @@ pub async fn build(config: Config) -> anyhow::Result<Application> {
     host.background("saga deadline", move |stop| {
         saga::run_deadline_sweep(outbox, deadline, every, stop)
     });
+    let customers = auth::CustomerAuth::from_settings(
+        config.jwt_hs256_secret_file.as_deref(),
+        config.jwt_jwks_file.as_deref(),
+        config.jwt_issuer.clone(),
+        config.jwt_audience.clone(),
+    )?;
     let api = api::Api::new(
         host.outbox().clone(),
         usize::try_from(config.max_pending_orders).unwrap_or(usize::MAX),
+        customers,
     );
     host.bind(
         Some((config.http_addr, api::public_routes(api.clone()))),

@@ -180,6 +180,8 @@ async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_urls_are_never_shown() {
     let [nats_port, admin_port] = free_ports(2).try_into().unwrap();
+    // Held, and never answered: no other test's nats-server can take the port meanwhile.
+    let _silent_nats = std::net::TcpListener::bind(("127.0.0.1", nats_port)).unwrap();
     let db = TestDb::sqlite();
     let secret = "s3cret-in-the-url";
     let mut service = ChildProcess::spawn_binary(
@@ -492,4 +494,109 @@ async fn nats_over_tls_verifies_both_ends() {
     );
     // The operator, with TLS and its certificate, gets in.
     system.operator_nats().await;
+}
+
+/// With customer tokens verified (HS256 here), an order is placed for the token's customer,
+/// read only by that customer, and nothing happens without a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_tokens_decide_whose_orders_are_placed_and_read() {
+    use jsonwebtoken::{EncodingKey, Header};
+    let secret = "an HS256 secret of at least thirty-two bytes";
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("jwt-secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            extra_env: vec![(
+                "ORDERFLOW_JWT_HS256_SECRET_FILE".into(),
+                secret_file.display().to_string(),
+            )],
+            ..Options::default()
+        },
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |sub: &str, exp: u64, key: &str| {
+        jsonwebtoken::encode(
+            &Header::default(),
+            &json!({"sub": sub, "exp": exp}),
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    };
+    let alice = token("alice", now + 600, secret);
+    let bob = token("bob", now + 600, secret);
+    let http = orderflow_testkit::http_client();
+    let orders = format!("{}/v1/orders", system.url(Service::Order));
+    let body =
+        json!({"items": [{"product_id": "SKU-001", "quantity": 1}], "payment_method": "card_ok"});
+
+    for (bearer, why) in [
+        (None, "no token"),
+        (
+            Some(token(
+                "alice",
+                now + 600,
+                "another secret, also thirty-two bytes long",
+            )),
+            "forged",
+        ),
+        (Some(token("alice", now - 600, secret)), "expired"),
+    ] {
+        let mut request = http.post(&orders).json(&body);
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{why}");
+        assert!(r.headers().contains_key("www-authenticate"), "{why}");
+    }
+    let r = http
+        .post(&orders)
+        .bearer_auth(&alice)
+        .json(&json!({"customer_id": "bob", "items": [{"product_id": "SKU-001", "quantity": 1}], "payment_method": "card_ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "an order for another customer");
+
+    let r = http
+        .post(&orders)
+        .bearer_auth(&alice)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let order = system.terminal(&id).await;
+    assert_eq!(order["customer_id"], "alice", "{order}");
+    let read = |bearer: String| {
+        http.get(format!("{orders}/{id}"))
+            .bearer_auth(bearer)
+            .send()
+    };
+    assert_eq!(
+        read(alice.clone()).await.unwrap().status(),
+        200,
+        "her own order"
+    );
+    assert_eq!(
+        read(bob).await.unwrap().status(),
+        404,
+        "someone else's order"
+    );
+    let list = system.get_json(Service::Order, "/v1/orders").await;
+    assert_eq!(
+        list["orders"].as_array().unwrap().len(),
+        1,
+        "one order stored: {list}"
+    );
 }
