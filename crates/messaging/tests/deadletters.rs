@@ -235,3 +235,57 @@ async fn messages_jetstream_gave_up_on_are_dead_lettered_from_the_advisory() {
         "the original message, headers and all"
     );
 }
+
+/// Listing goes page by page with a cursor, and a purge of more dead letters than one page
+/// works through them a page at a time, every one counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_dead_letters_are_listed_and_purged_page_by_page() {
+    use orderflow_contracts::names::headers;
+    let env = Env::start(TestDb::sqlite()).await;
+    let publisher = Publisher::new(&env.nats);
+    let total = 600;
+    for i in 0..total {
+        publisher
+            .publish_raw(
+                &subjects::dead_letter("paging"),
+                &[
+                    (headers::DL_CONSUMER.to_owned(), "paging".to_owned()),
+                    (headers::DL_REASON.to_owned(), "poison".to_owned()),
+                    (
+                        headers::DL_SUBJECT.to_owned(),
+                        subjects::ORDER_CREATED.to_owned(),
+                    ),
+                    (headers::NATS_MSG_ID.to_owned(), format!("paging-{i}")),
+                ],
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .unwrap();
+    }
+    let dead_letters = DeadLetters::new(&env.nats);
+    let filter = Filter {
+        consumer: Some("paging".into()),
+        ..Filter::default()
+    };
+    let (first, next) = dead_letters.page(&filter, 1, 10).await.unwrap();
+    assert_eq!(first.len(), 10);
+    let next = next.expect("more than one page");
+    let (second, _) = dead_letters.page(&filter, next, 10).await.unwrap();
+    assert!(
+        second[0].seq > first[9].seq,
+        "the next page starts after the first"
+    );
+
+    let dry = dead_letters.purge(&filter, true).await.unwrap();
+    assert_eq!((dry.matched, dry.done), (total, 0));
+    let purged = dead_letters.purge(&filter, false).await.unwrap();
+    assert_eq!(
+        (purged.matched, purged.done),
+        (total, total),
+        "{:?}",
+        purged.errors
+    );
+    assert_eq!(dead_letter_count(&env).await, 0);
+    let (left, next) = dead_letters.page(&filter, 1, 10).await.unwrap();
+    assert!(left.is_empty() && next.is_none());
+}

@@ -2,7 +2,7 @@
 //!
 //! | request | what |
 //! |---|---|
-//! | `GET /admin/dead-letters` | list (filters: `consumer`, `subject`, `error`, `reason`, `since`, `until`; `limit`; `group=true` for one line per fingerprint) |
+//! | `GET /admin/dead-letters` | list, a page at a time (filters: `consumer`, `subject`, `error`, `reason`, `since`, `until`; `limit` (default 1000); `after`, the `next_cursor` of the previous page; `group=true` for one line per fingerprint of the page) |
 //! | `GET /admin/dead-letters/{seq}` | one dead letter with headers and payload |
 //! | `POST /admin/dead-letters/replay` | `{filter fields…, "dry_run": bool, "rate": per second}` |
 //! | `POST /admin/dead-letters/purge` | `{filter fields…, "dry_run": bool}` |
@@ -28,6 +28,9 @@ use serde::Deserialize;
 use crate::Problem;
 use crate::http::{JsonBody, invalid_parameter, not_found};
 
+/// The most dead letters one list call returns (a bigger `limit` is lowered to it).
+const MAX_PAGE: usize = 1000;
+
 /// The dead-letter routes.
 pub fn dead_letter_routes(dead_letters: DeadLetters) -> Router {
     Router::new()
@@ -48,6 +51,7 @@ async fn list(
 ) -> Result<impl IntoResponse, Problem> {
     let mut filter = Filter::default();
     let mut limit = 1000;
+    let mut from = 1;
     let mut grouped = false;
     for (k, v) in params {
         match k.as_str() {
@@ -74,6 +78,11 @@ async fn list(
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| invalid_parameter("limit", "a positive integer"))?;
             }
+            "after" => {
+                from = v.parse().map_err(|_| {
+                    invalid_parameter("after", "the next_cursor of a previous page")
+                })?;
+            }
             "group" => grouped = v == "true",
             other => return Err(invalid_parameter(other, "unknown query parameter")),
         }
@@ -81,15 +90,23 @@ async fn list(
     filter
         .validate()
         .map_err(|e| invalid_parameter("since/until", e))?;
-    let letters = dl.list(&filter, limit).await.map_err(|e| unavailable(&e))?;
+    let limit = limit.min(MAX_PAGE);
+    let (letters, next) = dl
+        .page(&filter, from, limit)
+        .await
+        .map_err(|e| unavailable(&e))?;
     if grouped {
-        return Ok(axum::Json(serde_json::json!({ "groups": group(&letters) })));
+        return Ok(axum::Json(
+            serde_json::json!({ "groups": group(&letters), "next_cursor": next }),
+        ));
     }
     let letters: Vec<_> = letters
         .into_iter()
         .map(orderflow_messaging::deadletter::DeadLetter::summary)
         .collect();
-    Ok(axum::Json(serde_json::json!({ "dead_letters": letters })))
+    Ok(axum::Json(
+        serde_json::json!({ "dead_letters": letters, "next_cursor": next }),
+    ))
 }
 
 async fn show(

@@ -239,6 +239,9 @@ pub struct DeadLetters {
     publisher: Publisher,
 }
 
+/// Dead letters a replay or purge holds in memory at once: one page, read, acted on, let go.
+const PAGE: usize = 256;
+
 impl DeadLetters {
     /// Dead-letter operations on a connection.
     pub fn new(nats: &crate::Nats) -> Self {
@@ -262,6 +265,17 @@ impl DeadLetters {
         filter: &Filter,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, MessagingError> {
+        Ok(self.page(filter, 1, limit).await?.0)
+    }
+
+    /// The dead letters matching `filter` from stream sequence `from` on, oldest first, at most
+    /// `limit`; and where the next page starts, when there may be more.
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, Option<u64>), MessagingError> {
         let stream = self.stream().await?;
         let last = stream
             .get_info()
@@ -270,7 +284,7 @@ impl DeadLetters {
             .state
             .last_sequence;
         let all = format!("{}.>", subjects::DEAD_LETTER_PREFIX);
-        let mut next = 1;
+        let mut next = from.max(1);
         let mut out = Vec::new();
         while next <= last && out.len() < limit {
             let m = match stream
@@ -281,7 +295,10 @@ impl DeadLetters {
                 .await
             {
                 Ok(m) => m,
-                Err(e) if is_not_found(&e) => break,
+                Err(e) if is_not_found(&e) => {
+                    next = last + 1;
+                    break;
+                }
                 Err(e) => return Err(MessagingError::js("read dead letter", e)),
             };
             next = m.sequence + 1;
@@ -290,7 +307,7 @@ impl DeadLetters {
                 out.push(dl);
             }
         }
-        Ok(out)
+        Ok((out, (next <= last).then_some(next)))
     }
 
     /// One dead letter with its headers and payload.
@@ -316,76 +333,95 @@ impl DeadLetters {
         dry_run: bool,
         per_second: u32,
     ) -> Result<Outcome, MessagingError> {
-        let letters = self.list(filter, usize::MAX).await?;
-        let mut outcome = Outcome {
-            matched: letters.len(),
-            dry_run,
-            seqs: letters.iter().map(|d| d.seq).collect(),
-            ..Outcome::default()
-        };
-        if dry_run {
-            return Ok(outcome);
-        }
         let stream = self.stream().await?;
         let pause = std::time::Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
-        for dl in letters {
-            let mut headers: Vec<(String, String)> = dl
-                .headers
-                .iter()
-                .filter(|(k, _)| !k.starts_with("Orderflow-DL-"))
-                .cloned()
-                .collect();
-            headers.retain(|(k, _)| k != headers::NATS_MSG_ID);
-            let original_id = dl
-                .event_id
-                .clone()
-                .unwrap_or_else(|| format!("seq{}", dl.stream_sequence));
-            headers.push((
-                headers::NATS_MSG_ID.to_owned(),
-                format!("replay:{original_id}:dl{}", dl.seq),
-            ));
-            match self
-                .publisher
-                .publish_raw(&dl.subject, &headers, dl.raw_payload.clone())
-                .await
-            {
-                Ok(_) => {
-                    if let Err(e) = stream.delete_message(dl.seq).await {
-                        outcome.errors.push(format!(
-                            "dead letter {} replayed but not deleted: {e}",
-                            dl.seq
-                        ));
-                    }
-                    outcome.done += 1;
-                    tracing::info!(seq = dl.seq, subject = %dl.subject, consumer = %dl.consumer, "dead letter replayed");
-                }
-                Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+        let mut outcome = Outcome {
+            dry_run,
+            ..Outcome::default()
+        };
+        let mut from = Some(1);
+        while let Some(start) = from {
+            let (letters, next) = self.page(filter, start, PAGE).await?;
+            from = next;
+            outcome.matched += letters.len();
+            outcome.seqs.extend(letters.iter().map(|d| d.seq));
+            if dry_run {
+                continue;
             }
-            tokio::time::sleep(pause).await;
+            for dl in letters {
+                self.replay_one(&stream, &dl, &mut outcome).await;
+                tokio::time::sleep(pause).await;
+            }
         }
         Ok(outcome)
     }
 
+    async fn replay_one(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        dl: &DeadLetter,
+        outcome: &mut Outcome,
+    ) {
+        let mut headers: Vec<(String, String)> = dl
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("Orderflow-DL-"))
+            .cloned()
+            .collect();
+        headers.retain(|(k, _)| k != headers::NATS_MSG_ID);
+        let original_id = dl
+            .event_id
+            .clone()
+            .unwrap_or_else(|| format!("seq{}", dl.stream_sequence));
+        headers.push((
+            headers::NATS_MSG_ID.to_owned(),
+            format!("replay:{original_id}:dl{}", dl.seq),
+        ));
+        match self
+            .publisher
+            .publish_raw(&dl.subject, &headers, dl.raw_payload.clone())
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = stream.delete_message(dl.seq).await {
+                    outcome.errors.push(format!(
+                        "dead letter {} replayed but not deleted: {e}",
+                        dl.seq
+                    ));
+                }
+                outcome.done += 1;
+                tracing::info!(seq = dl.seq, subject = %dl.subject, consumer = %dl.consumer, "dead letter replayed");
+            }
+            Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+        }
+    }
+
     /// Deletes matching dead letters.
     pub async fn purge(&self, filter: &Filter, dry_run: bool) -> Result<Outcome, MessagingError> {
-        let letters = self.list(filter, usize::MAX).await?;
+        let stream = self.stream().await?;
         let mut outcome = Outcome {
-            matched: letters.len(),
             dry_run,
-            seqs: letters.iter().map(|d| d.seq).collect(),
             ..Outcome::default()
         };
-        if dry_run {
-            return Ok(outcome);
-        }
-        let stream = self.stream().await?;
-        for dl in letters {
-            match stream.delete_message(dl.seq).await {
-                Ok(_) => outcome.done += 1,
-                Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+        let mut from = Some(1);
+        while let Some(start) = from {
+            let (letters, next) = self.page(filter, start, PAGE).await?;
+            from = next;
+            outcome.matched += letters.len();
+            outcome.seqs.extend(letters.iter().map(|d| d.seq));
+            if dry_run {
+                continue;
+            }
+            for dl in letters {
+                match stream.delete_message(dl.seq).await {
+                    Ok(_) => outcome.done += 1,
+                    Err(e) => outcome.errors.push(format!("dead letter {}: {e}", dl.seq)),
+                }
             }
         }
-        tracing::warn!(purged = outcome.done, "dead letters purged");
+        if !dry_run {
+            tracing::warn!(purged = outcome.done, "dead letters purged");
+        }
         Ok(outcome)
     }
 }
