@@ -4,7 +4,8 @@
 #   1. installs the pinned nats-server (.tools/nats) and exports ORDERFLOW_NATS_SERVER, and
 #      makes sure the PostgreSQL binaries are installed (unless ORDERFLOW_TEST_POSTGRES_URL
 #      already names a server);
-#   2. cargo fmt --check, clippy -D warnings, builds the binaries (tests run them as processes);
+#   2. cargo fmt --check, clippy -D warnings, cargo deny (licences, bans, sources; installed
+#      when missing), builds the binaries (tests run them as processes);
 #   3. unless ORDERFLOW_TEST_POSTGRES_URL is set, starts ONE throwaway PostgreSQL server for the
 #      whole run (each test then creates its own database on it instead of starting a server);
 #   4. the tests: cargo-nextest when installed (plus the doctests, which nextest does not run),
@@ -66,6 +67,13 @@ fi
 
 step cargo fmt --all -- --check
 step cargo clippy --workspace --all-targets --locked -- -D warnings
+# The dependency graph's licences, bans (only crates/messaging and the test harness use
+# async-nats; no OpenSSL) and sources: deny.toml. cargo-deny is installed once (~3 min).
+CARGO_DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qF "$CARGO_DENY_VERSION"; then
+    step cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION"
+fi
+step cargo deny check bans licenses sources
 step cargo build --workspace --bins --locked
 
 if [[ -n "${ORDERFLOW_TEST_POSTGRES_URL:-}" ]]; then
