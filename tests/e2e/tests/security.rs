@@ -173,6 +173,20 @@ async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them(
         .await
         .unwrap();
     assert_eq!(ready, json!({"status": "ready"}), "no internals in public");
+
+    // An admin body over 64 KiB is refused before it is read, with the token or not.
+    let oversized = json!({"consumer": "x".repeat(100 * 1024), "dry_run": true});
+    let r = system
+        .http
+        .post(format!(
+            "{}/admin/dead-letters/purge",
+            system.admin_url(Service::Inventory)
+        ))
+        .json(&oversized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 /// Credentials in the NATS URL show nowhere: not in the readiness body (which names the URL
@@ -502,24 +516,8 @@ async fn nats_over_tls_verifies_both_ends() {
 async fn customer_tokens_decide_whose_orders_are_placed_and_read() {
     use jsonwebtoken::{EncodingKey, Header};
     let secret = "an HS256 secret of at least thirty-two bytes";
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("jwt-secret");
-    std::fs::write(&secret_file, secret).unwrap();
-    let system = System::start_with(
-        TestDb::sqlite(),
-        Options {
-            extra_env: vec![(
-                "ORDERFLOW_JWT_HS256_SECRET_FILE".into(),
-                secret_file.display().to_string(),
-            )],
-            ..Options::default()
-        },
-    )
-    .await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let (system, _dir) = system_with_file("ORDERFLOW_JWT_HS256_SECRET_FILE", secret).await;
+    let now = unix_now();
     let token = |sub: &str, exp: u64, key: &str| {
         jsonwebtoken::encode(
             &Header::default(),
@@ -564,18 +562,7 @@ async fn customer_tokens_decide_whose_orders_are_placed_and_read() {
         .unwrap();
     assert_eq!(r.status(), 403, "an order for another customer");
 
-    let r = http
-        .post(&orders)
-        .bearer_auth(&alice)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = place_with_token(&http, &orders, &alice, &body).await;
     let order = system.terminal(&id).await;
     assert_eq!(order["customer_id"], "alice", "{order}");
     let read = |bearer: String| {
@@ -599,4 +586,104 @@ async fn customer_tokens_decide_whose_orders_are_placed_and_read() {
         1,
         "one order stored: {list}"
     );
+}
+
+/// Customer tokens from a JWKS file (public keys, chosen by `kid`): an EdDSA token signed by
+/// the listed key places an order; one signed by an unlisted key, or naming an unknown `kid`,
+/// gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_tokens_can_be_verified_with_a_jwks_file() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use ring::signature::KeyPair as _;
+
+    let key = || {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        (pkcs8.as_ref().to_vec(), pair.public_key().as_ref().to_vec())
+    };
+    let (listed, listed_public) = key();
+    let (unlisted, _) = key();
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "k1", "x": b64(&listed_public)}]});
+    let (system, _dir) = system_with_file("ORDERFLOW_JWT_JWKS_FILE", &jwks.to_string()).await;
+    let exp = unix_now() + 600;
+    let token = |pkcs8: &[u8], kid: &str| {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            &json!({"sub": "carol", "exp": exp}),
+            &EncodingKey::from_ed_der(pkcs8),
+        )
+        .unwrap()
+    };
+    let http = orderflow_testkit::http_client();
+    let orders = format!("{}/v1/orders", system.url(Service::Order));
+    let body =
+        json!({"items": [{"product_id": "SKU-002", "quantity": 1}], "payment_method": "card_ok"});
+    for (bearer, why) in [
+        (token(&unlisted, "k1"), "unlisted key"),
+        (token(&listed, "k9"), "unknown kid"),
+    ] {
+        let r = http
+            .post(&orders)
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{why}");
+    }
+    let id = place_with_token(&http, &orders, &token(&listed, "k1"), &body).await;
+    assert_eq!(system.terminal(&id).await["customer_id"], "carol");
+}
+
+/// A system whose services get `variable` naming a file that holds `contents` (kept in the
+/// returned temp dir).
+async fn system_with_file(variable: &str, contents: &str) -> (System, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("setting");
+    std::fs::write(&file, contents).unwrap();
+    let system = System::start_with(
+        TestDb::sqlite(),
+        Options {
+            extra_env: vec![(variable.to_owned(), file.display().to_string())],
+            ..Options::default()
+        },
+    )
+    .await;
+    (system, dir)
+}
+
+/// Seconds since the Unix epoch (a JWT's clock).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Places an order with a customer token; its id (panics unless accepted).
+async fn place_with_token(
+    http: &reqwest::Client,
+    orders: &str,
+    token: &str,
+    body: &Value,
+) -> String {
+    let r = http
+        .post(orders)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
