@@ -16,7 +16,7 @@ up: ## Run the whole system locally until Ctrl-C (flags: make up ARGS='--store p
 	cargo build --release --bins
 	"$${CARGO_TARGET_DIR:-target}/release/orderflow" up $(ARGS)
 
-bench: tools ## Measure every standard scenario and rewrite docs/benchmarks.md (~17 min, wants a quiet machine)
+bench: tools ## Measure every standard scenario and rewrite docs/benchmarks.md (~30 min, wants a quiet machine)
 	scripts/install-postgres.sh >/dev/null
 	cargo build --release --bins
 	"$${CARGO_TARGET_DIR:-target}/release/orderflow" bench --write-doc docs/benchmarks.md $(ARGS)
