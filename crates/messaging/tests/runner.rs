@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Env, Script, ScriptedHandler, header, order_created};
+use orderflow_contracts::EventMeta;
 use orderflow_contracts::names::{consumers, headers, streams, subjects};
 use orderflow_messaging::Publisher;
 use orderflow_testkit::{TestDb, eventually, on_every_backend};
@@ -40,6 +41,14 @@ async fn dead_letters(env: &Env, n: usize) -> Vec<async_nats::jetstream::Message
     env.stream_messages(streams::DEAD_LETTERS).await
 }
 
+/// An envelope's headers, owned, as `Publisher::publish_raw` takes them.
+fn owned_headers(meta: &EventMeta) -> Vec<(String, String)> {
+    meta.to_headers()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
 /// A poison message goes to the dead-letter stream at once and is never retried.
 async fn poison_is_dead_lettered_at_once(db: TestDb) {
     let env = Env::start(db).await;
@@ -49,11 +58,7 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
 
     // Valid envelope, payload that is not JSON.
     let (meta, _) = order_created(1);
-    let hdrs: Vec<(String, String)> = meta
-        .to_headers()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+    let hdrs = owned_headers(&meta);
     publisher
         .publish_raw(
             subjects::ORDER_CREATED,
@@ -66,11 +71,7 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
     let (meta2, event) = order_created(1);
     let mut value = serde_json::to_value(&event).unwrap();
     value["lines"][0]["quantity"] = 0.into();
-    let hdrs2: Vec<(String, String)> = meta2
-        .to_headers()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+    let hdrs2 = owned_headers(&meta2);
     publisher
         .publish_raw(
             subjects::ORDER_CREATED,
@@ -86,11 +87,7 @@ async fn poison_is_dead_lettered_at_once(db: TestDb) {
         .unwrap();
     // A valid event on another event's subject (forged, or misrouted).
     let (meta4, event4) = order_created(1);
-    let hdrs4: Vec<(String, String)> = meta4
-        .to_headers()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+    let hdrs4 = owned_headers(&meta4);
     publisher
         .publish_raw(
             subjects::ORDER_CANCELLED,
@@ -347,11 +344,7 @@ async fn the_same_event_twice_has_one_effect(db: TestDb) {
     let payload = Bytes::from(orderflow_contracts::encode(&event));
     let publisher = Publisher::new(&env.nats);
     for copy in 0..2 {
-        let mut hdrs: Vec<(String, String)> = meta
-            .to_headers()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let mut hdrs = owned_headers(&meta);
         hdrs.push((
             headers::NATS_MSG_ID.to_owned(),
             format!("{}-copy{copy}", meta.id),

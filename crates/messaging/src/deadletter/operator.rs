@@ -242,6 +242,40 @@ pub struct DeadLetters {
 /// Dead letters a replay or purge holds in memory at once: one page, read, acted on, let go.
 const PAGE: usize = 256;
 
+/// The dead letters matching a filter, a page at a time, each page counted into the outcome
+/// of the operation walking them.
+struct Pages<'a> {
+    dead_letters: &'a DeadLetters,
+    filter: &'a Filter,
+    from: Option<u64>,
+}
+
+impl<'a> Pages<'a> {
+    fn new(dead_letters: &'a DeadLetters, filter: &'a Filter) -> Self {
+        Self {
+            dead_letters,
+            filter,
+            from: Some(1),
+        }
+    }
+
+    /// The next page, counted into `outcome` (in a dry run only counted: nothing to act
+    /// on); `None` after the last.
+    async fn next(
+        &mut self,
+        outcome: &mut Outcome,
+    ) -> Result<Option<Vec<DeadLetter>>, MessagingError> {
+        let Some(start) = self.from else {
+            return Ok(None);
+        };
+        let (letters, next) = self.dead_letters.page(self.filter, start, PAGE).await?;
+        self.from = next;
+        outcome.matched += letters.len();
+        outcome.seqs.extend(letters.iter().map(|d| d.seq));
+        Ok(Some(if outcome.dry_run { Vec::new() } else { letters }))
+    }
+}
+
 impl DeadLetters {
     /// Dead-letter operations on a connection.
     pub fn new(nats: &crate::Nats) -> Self {
@@ -339,15 +373,8 @@ impl DeadLetters {
             dry_run,
             ..Outcome::default()
         };
-        let mut from = Some(1);
-        while let Some(start) = from {
-            let (letters, next) = self.page(filter, start, PAGE).await?;
-            from = next;
-            outcome.matched += letters.len();
-            outcome.seqs.extend(letters.iter().map(|d| d.seq));
-            if dry_run {
-                continue;
-            }
+        let mut pages = Pages::new(self, filter);
+        while let Some(letters) = pages.next(&mut outcome).await? {
             for dl in letters {
                 self.replay_one(&stream, &dl, &mut outcome).await;
                 tokio::time::sleep(pause).await;
@@ -403,15 +430,8 @@ impl DeadLetters {
             dry_run,
             ..Outcome::default()
         };
-        let mut from = Some(1);
-        while let Some(start) = from {
-            let (letters, next) = self.page(filter, start, PAGE).await?;
-            from = next;
-            outcome.matched += letters.len();
-            outcome.seqs.extend(letters.iter().map(|d| d.seq));
-            if dry_run {
-                continue;
-            }
+        let mut pages = Pages::new(self, filter);
+        while let Some(letters) = pages.next(&mut outcome).await? {
             for dl in letters {
                 match stream.delete_message(dl.seq).await {
                     Ok(_) => outcome.done += 1,
