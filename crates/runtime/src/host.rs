@@ -283,14 +283,19 @@ impl ServiceHost {
         let workers = TaskTracker::new();
         let sweeper_tasks = TaskTracker::new();
         let sweeper_stop = CancellationToken::new();
-        for (which, listener, app) in apps {
+        for (
+            which,
+            Listener {
+                socket,
+                addr,
+                routes: app,
+            },
+        ) in apps
+        {
             let app = with_problem_fallbacks(app).layer(axum::middleware::from_fn(request_context));
-            let addr = listener
-                .local_addr()
-                .context("reading the HTTP listener's address")?;
             tracing::info!(%addr, listener = which, "HTTP listening");
             workers.spawn(
-                crate::server::serve(listener, app, common.http_limits(), stop.clone())
+                crate::server::serve(socket, app, common.http_limits(), stop.clone())
                     .instrument(span.clone()),
             );
         }
@@ -360,7 +365,7 @@ fn http_apps(
     readiness: &Readiness,
     nats: &Nats,
     metrics: &metrics_exporter_prometheus::PrometheusHandle,
-) -> Vec<(&'static str, TcpListener, Router)> {
+) -> Vec<(&'static str, Listener)> {
     if !operator_token.is_configured() {
         tracing::warn!(
             "no operator token configured (--admin-token-file or ORDERFLOW_ADMIN_TOKEN): \
@@ -379,10 +384,22 @@ fn http_apps(
         .merge(probe_routes(readiness.clone(), true))
         .merge(metrics_route(metrics.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT));
-    let mut apps = vec![("admin", admin.listener, admin_app)];
+    let mut apps = vec![(
+        "admin",
+        Listener {
+            routes: admin_app,
+            ..admin
+        },
+    )];
     if let Some(public) = public {
         let public_app = public.routes.merge(probe_routes(readiness.clone(), false));
-        apps.push(("public", public.listener, public_app));
+        apps.push((
+            "public",
+            Listener {
+                routes: public_app,
+                ..public
+            },
+        ));
     }
     apps
 }
@@ -392,22 +409,25 @@ pub const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
 /// A bound listener and what it serves.
 struct Listener {
-    listener: TcpListener,
+    socket: TcpListener,
+    /// Where it listens (the port chosen when 0 was asked for).
+    addr: SocketAddr,
     routes: Router,
 }
 
 impl Listener {
     async fn bind(addr: SocketAddr, flag: &str, routes: Router) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(addr)
+        let socket = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {flag} {addr}"))?;
-        Ok(Self { listener, routes })
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.listener
+        let addr = socket
             .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+            .with_context(|| format!("reading the address of {flag}"))?;
+        Ok(Self {
+            socket,
+            addr,
+            routes,
+        })
     }
 }
 
@@ -432,12 +452,12 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Where the public API listens, for a service that has one.
     pub fn public_addr(&self) -> Option<SocketAddr> {
-        self.public.as_ref().map(Listener::addr)
+        self.public.as_ref().map(|l| l.addr)
     }
 
     /// Where the admin routes, probes and metrics listen.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.addr()
+        self.admin.addr
     }
 
     /// A token that stops the service when cancelled (as SIGTERM does).

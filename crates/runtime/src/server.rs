@@ -28,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
@@ -136,36 +137,28 @@ pub async fn serve_with(
             app.clone()
                 .map_request(|request: Request<Incoming>| request.map(Body::new)),
         );
-        let Some(tls) = tls.clone() else {
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
-                }
-                drop(slot);
-            });
-            continue;
-        };
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("TLS handshake timed out");
-                    return;
+            let io = match tls {
+                None => Either::Left(stream),
+                Some(tls) => {
+                    match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    }
                 }
             };
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
             drop(slot);
         });
