@@ -488,7 +488,11 @@ impl Db {
             Backend::Postgres => {
                 // Checked before any thread starts.
                 crate::postgres::parse_url(url)?;
-                let tls = crate::tls::connector(options.tls_ca.as_deref())?;
+                // The probe's connector when there is one: the authority is read once.
+                let tls = match &probe {
+                    Some(probe) => probe.tls(),
+                    None => crate::tls::connector(options.tls_ca.as_deref())?,
+                };
                 let (url, timeout) = (url.to_owned(), options.connect_timeout);
                 let first = Arc::new(Mutex::new(probe));
                 let writer = Pool::start("db-pg", threads, false, move || {

@@ -67,6 +67,11 @@ impl PgSession {
         })
     }
 
+    /// The TLS connector this session connects with.
+    pub(crate) fn tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        self.tls.clone()
+    }
+
     /// Connects when there is no connection or it broke.
     pub(crate) fn ensure_connected(&mut self) -> Result<(), StoreError> {
         if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
