@@ -87,6 +87,21 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// Waits until `GET url` answers 200 (a service's `/readyz`, say), at most `timeout`;
+/// fails with the last answer otherwise.
+pub async fn wait_http_ok(url: &str, timeout: Duration) {
+    let client = http_client();
+    eventually(timeout, &format!("GET {url} answering 200"), || async {
+        let r = client.get(url).send().await.map_err(|e| e.to_string())?;
+        if r.status() == 200 {
+            Ok(())
+        } else {
+            Err(r.text().await.unwrap_or_default())
+        }
+    })
+    .await;
+}
+
 /// An HTTP client that sends the tests' operator token with every request.
 pub fn admin_client() -> reqwest::Client {
     use_ring_for_tls();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use clap::Parser as _;
-use orderflow_testkit::{ADMIN_TOKEN, NatsServer, TestDb, admin_client, eventually, http_client};
+use orderflow_testkit::{ADMIN_TOKEN, NatsServer, TestDb, admin_client, http_client, wait_http_ok};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,19 +37,7 @@ async fn the_application_serves_a_public_and_an_admin_listener() {
     let running = tokio::spawn(app.run_until_stopped());
 
     let (operator, anyone) = (admin_client(), http_client());
-    eventually(Duration::from_secs(20), "the service ready", || async {
-        let r = anyone
-            .get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status() == 200 {
-            Ok(())
-        } else {
-            Err(r.text().await.unwrap_or_default())
-        }
-    })
-    .await;
+    wait_http_ok(&format!("{admin}/readyz"), Duration::from_secs(20)).await;
     let placed = anyone
         .post(format!("{public}/v1/orders"))
         .json(&json!({"customer_id": "c-1", "items": [{"product_id": "SKU-001", "quantity": 1}], "payment_method": "card_ok"}))

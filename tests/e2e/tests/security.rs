@@ -120,14 +120,7 @@ async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them(
                 .unwrap();
             assert_eq!(r.status(), 200, "{admin}{path}");
         }
-        let ready: Value = anonymous
-            .get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ready = get_json(&anonymous, &format!("{admin}/readyz")).await;
         assert_eq!(ready["checks"]["database"], "ok", "{ready}");
     }
 
@@ -164,14 +157,7 @@ async fn operator_routes_need_the_token_and_only_the_admin_listener_serves_them(
             "public {method} {path}"
         );
     }
-    let ready: Value = anonymous
-        .get(format!("{public}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&anonymous, &format!("{public}/readyz")).await;
     assert_eq!(ready, json!({"status": "ready"}), "no internals in public");
 
     // An admin body over 64 KiB is refused before it is read, with the token or not.
@@ -686,4 +672,9 @@ async fn place_with_token(
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+/// `GET url`'s JSON body, whatever the status.
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
 }
