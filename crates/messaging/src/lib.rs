@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/0002_outbox_claims.sql"),
         postgres: include_str!("../migrations/0002_outbox_claims.sql"),
     },
+    Migration::sqlite_only(
+        3,
+        "lean outbox and inbox rows",
+        include_str!("../migrations/0003_lean_rows.sqlite.sql"),
+    ),
 ];
 
 /// The component name under which [`MIGRATIONS`] are recorded.

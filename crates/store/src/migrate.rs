@@ -24,6 +24,19 @@ pub struct Migration {
     pub postgres: &'static str,
 }
 
+impl Migration {
+    /// A change of SQLite's storage only (e.g. a table rebuilt `WITHOUT ROWID`): PostgreSQL
+    /// still records the version, so both backends keep one sequence.
+    pub const fn sqlite_only(version: i64, name: &'static str, sqlite: &'static str) -> Self {
+        Self {
+            version,
+            name,
+            sqlite,
+            postgres: "-- SQLite only: nothing changes on PostgreSQL.",
+        }
+    }
+}
+
 const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS orderflow_migrations (
     component TEXT NOT NULL,
     version BIGINT NOT NULL,

@@ -65,7 +65,7 @@ pub use postgres::{
     PostgresServer, PostgresServerBuilder, TestDatabase, admin_sql, postgres_bin_dir,
 };
 pub use process::ChildProcess;
-pub use sqlite::TempSqlite;
+pub use sqlite::{TempSqlite, sqlite_table, upgraded_sqlite};
 pub use tls::TestPki;
 
 /// How often [`eventually`] and the readiness waits re-check their condition.

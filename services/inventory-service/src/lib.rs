@@ -26,12 +26,19 @@ use orderflow_runtime::{CommonConfig, ServiceHost};
 use orderflow_store::Migration;
 
 /// The service's own tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "catalog, stock and reservations",
-    sqlite: include_str!("../migrations/0001_catalog_stock_reservations.sqlite.sql"),
-    postgres: include_str!("../migrations/0001_catalog_stock_reservations.postgres.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "catalog, stock and reservations",
+        sqlite: include_str!("../migrations/0001_catalog_stock_reservations.sqlite.sql"),
+        postgres: include_str!("../migrations/0001_catalog_stock_reservations.postgres.sql"),
+    },
+    Migration::sqlite_only(
+        2,
+        "lean rows: tables stored in their primary keys",
+        include_str!("../migrations/0002_lean_rows.sqlite.sql"),
+    ),
+];
 
 /// inventory-service configuration. Every flag has an environment variable of the same name.
 #[derive(Debug, Clone, clap::Parser)]

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/0002_early_payments.sql"),
         postgres: include_str!("../migrations/0002_early_payments.sql"),
     },
+    Migration::sqlite_only(
+        3,
+        "lean rows: tables stored in their primary keys",
+        include_str!("../migrations/0003_lean_rows.sqlite.sql"),
+    ),
 ];
 
 /// order-service configuration. Every flag has an environment variable of the same name.

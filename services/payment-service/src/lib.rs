@@ -40,12 +40,19 @@ use crate::provider::{Provider, ProviderConfig};
 use crate::reconciler::{Reconciler, ReconcilerConfig};
 
 /// The service's own tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "payments",
-    sqlite: include_str!("../migrations/0001_payments.sqlite.sql"),
-    postgres: include_str!("../migrations/0001_payments.postgres.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "payments",
+        sqlite: include_str!("../migrations/0001_payments.sqlite.sql"),
+        postgres: include_str!("../migrations/0001_payments.postgres.sql"),
+    },
+    Migration::sqlite_only(
+        2,
+        "lean rows: payments stored in their primary key",
+        include_str!("../migrations/0002_lean_rows.sqlite.sql"),
+    ),
+];
 
 /// The fewest deliveries of an `inventory.reserved` message. Payments wait for the provider
 /// with delayed naks, many of them while the breaker is open: the payment deadline, not the
