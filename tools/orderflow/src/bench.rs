@@ -85,9 +85,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub nats_sync_always: bool,
 
-    /// The services' `--db-durability` (and the database chain's): `full` (a commit is on
-    /// disk before its message is acknowledged) or `normal`.
-    #[arg(long, default_value = "full", value_parser = Durability::parse)]
+    /// The services' `--db-durability` (and the database chain's): `normal`, as `make up`
+    /// runs them (as durable as nats-server's default fsync), or `full` (a commit is on disk
+    /// before its message is acknowledged; with --nats-sync-always, the production setting).
+    #[arg(long, default_value = "normal", value_parser = Durability::parse)]
     pub db_durability: Durability,
 
     /// Write the results as JSON to this file.
@@ -219,8 +220,9 @@ fn standard_scenarios() -> Vec<Plan> {
         duration: Duration::from_secs(secs),
         warmup: Duration::from_secs(3),
         baseline: true,
+        // `make up`'s defaults: commits as durable as nats-server's default fsync.
         nats_sync_always: false,
-        durability: Durability::Full,
+        durability: Durability::Normal,
     };
     let open = |rate: u32| Load::Open {
         rate: f64::from(rate),
@@ -232,14 +234,16 @@ fn standard_scenarios() -> Vec<Plan> {
         plan("sqlite-open-1000", Store::Sqlite, open(1000), 20),
         plan("sqlite-max", Store::Sqlite, max, 20),
         Plan {
-            // The production NATS setting on top of the durable database default.
+            // The production setting (`make up --durable`): every commit and every JetStream
+            // write on disk before its acknowledgement.
             nats_sync_always: true,
+            durability: Durability::Full,
             ..plan("durable-open-500", Store::Sqlite, open(500), 20)
         },
         Plan {
-            // What `--db-durability normal` buys, beside `sqlite-open-500`.
-            durability: Durability::Normal,
-            ..plan("sqlite-normal-open-500", Store::Sqlite, open(500), 20)
+            // What the services' fsync costs alone, beside `sqlite-open-500`.
+            durability: Durability::Full,
+            ..plan("sqlite-full-open-500", Store::Sqlite, open(500), 20)
         },
         plan("postgres-max", Store::Postgres, max, 20),
         plan("postgres-open-500", Store::Postgres, open(500), 20),
@@ -320,9 +324,14 @@ async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
     nats.wait_connected(Duration::from_secs(10)).await?;
 
     // The baselines first, on the same nats-server, idle system.
+    let pids = system.pids();
+    let nats_pid = pids
+        .iter()
+        .find(|(name, _)| name == "nats-server")
+        .map(|&(_, pid)| pid);
     let (baseline, db_baseline) = if plan.baseline {
-        let chain = Chain::start(&nats, 4, 2).await?;
-        let raw = drive_chain(chain, plan, &nats).await?;
+        let chain = Chain::start(&nats, CHAIN_MESSAGES, 2).await?;
+        let raw = drive_chain(chain, plan, &nats, nats_pid).await?;
         let options = DbOptions {
             durability: plan.durability,
             ..DbOptions::default()
@@ -336,20 +345,24 @@ async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
             );
         }
         let chain = Chain::start_with_databases(&nats, 2, dbs).await?;
-        let with_db = drive_chain(chain, plan, &nats).await?;
+        let with_db = drive_chain(chain, plan, &nats, nats_pid).await?;
         (Some(raw), Some(with_db))
     } else {
         (None, None)
     };
 
-    let pids = system.pids();
     let mut sampler = procstat::Sampler::start(pids.clone());
     let before = procstat::snapshot(&pids);
     let target = Target::orders(&system)?;
-    let result = driver::drive(&target, plan, &nats, &["ORDERS", "INVENTORY", "PAYMENTS"]).await?;
+    let mut result =
+        driver::drive(&target, plan, &nats, &["ORDERS", "INVENTORY", "PAYMENTS"]).await?;
     let after = procstat::snapshot(&pids);
     let samples = sampler.stop().await;
     let processes = procstat::usage(&before, &after, &samples, result.confirmed);
+    result.nats_cpu_us_per_message = processes
+        .iter()
+        .find(|p| p.name == "nats-server")
+        .and_then(|p| per_message(p.cpu_s, result.confirmed, ORDER_EVENTS));
 
     let invariants = invariants(&system, &result).await?;
     Ok(Scenario {
@@ -370,12 +383,35 @@ async fn run_plan(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Scenario> {
     })
 }
 
-/// Drives a baseline chain like the system, then stops it.
-async fn drive_chain(chain: Chain, plan: &Plan, nats: &Nats) -> anyhow::Result<driver::RunResult> {
+/// Messages a baseline chain stores per item: one per hop.
+const CHAIN_MESSAGES: usize = 4;
+/// Events the saga stores per confirmed order: `orders.created`, `inventory.reserved`,
+/// `payments.completed`, `orders.confirmed`, `inventory.committed`.
+const ORDER_EVENTS: usize = 5;
+
+/// Drives a baseline chain like the system, then stops it; measures nats-server's CPU
+/// (`nats_pid`) meanwhile.
+async fn drive_chain(
+    chain: Chain,
+    plan: &Plan,
+    nats: &Nats,
+    nats_pid: Option<u32>,
+) -> anyhow::Result<driver::RunResult> {
     let target = Target::chain(chain);
-    let result = driver::drive(&target, plan, nats, &[loadtest::CHAIN_STREAM]).await?;
+    let before = nats_pid.and_then(procstat::read);
+    let mut result = driver::drive(&target, plan, nats, &[loadtest::CHAIN_STREAM]).await?;
+    let after = nats_pid.and_then(procstat::read);
     target.stop().await;
+    if let (Some(before), Some(after)) = (before, after) {
+        result.nats_cpu_us_per_message =
+            per_message(after.cpu_s - before.cpu_s, result.confirmed, CHAIN_MESSAGES);
+    }
     Ok(result)
+}
+
+/// CPU seconds spread over `items` completions of `messages` each, in microseconds.
+fn per_message(cpu_s: f64, items: u64, messages: usize) -> Option<f64> {
+    (items > 0).then(|| cpu_s * 1e6 / (items as f64 * messages as f64))
 }
 
 async fn invariants(system: &System, result: &driver::RunResult) -> anyhow::Result<Invariants> {

@@ -123,6 +123,14 @@ pub struct UpArgs {
     /// Delete the data dir first: start from a fresh system (no orders, no streams).
     #[arg(long)]
     pub clean: bool,
+
+    /// Survive a power loss, as the production configuration does: NATS fsyncs every
+    /// JetStream write before acknowledging it (`sync_interval: always`) and the services
+    /// commit with `--db-durability full`. Without it, a crash of any process loses nothing,
+    /// but the machine's last moments (NATS's last two minutes) may be lost: nats-server's
+    /// default, with SQLite at `normal` to match it.
+    #[arg(long)]
+    pub durable: bool,
 }
 
 /// The storage backend of the services.

@@ -259,6 +259,9 @@ pub struct RunResult {
     /// Where a confirmed order's time went, hop by hop (the system only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hops: Vec<HopLatency>,
+    /// nats-server's CPU per message stored in JetStream (and consumed), microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_cpu_us_per_message: Option<f64>,
 }
 
 /// The time one stretch of the saga took, over the confirmed orders sent inside the window.

@@ -90,7 +90,7 @@ pub struct Scenario {
 fn row(out: &mut String, name: &str, r: &RunResult) {
     let _ = writeln!(
         out,
-        "  {name:<10} {:>9.0}/s  p50 {:>7.2}  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>8.2} ms   sent {}  errors {}  drain {:.1}s  backlog→0 {:.1}s",
+        "  {name:<10} {:>9.0}/s  p50 {:>7.2}  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>8.2} ms   sent {}  errors {}  drain {:.1}s  backlog→0 {:.1}s  nats {} µs/msg",
         r.throughput,
         r.latency_ms.p50,
         r.latency_ms.p90,
@@ -100,8 +100,15 @@ fn row(out: &mut String, name: &str, r: &RunResult) {
         r.sent,
         r.send_errors,
         r.drain_s,
-        r.backlog_zero_s
+        r.backlog_zero_s,
+        fmt_nats(r)
     );
+}
+
+/// nats-server's CPU per stored message, or a dash when it was not measured.
+fn fmt_nats(r: &RunResult) -> String {
+    r.nats_cpu_us_per_message
+        .map_or_else(|| "–".to_owned(), |us| format!("{us:.0}"))
 }
 
 /// The terminal table of one scenario.
@@ -292,11 +299,11 @@ fn section(out: &mut String, s: &Scenario) {
     );
     let _ = writeln!(
         out,
-        "| run | orders/s | p50 | p90 | p99 | p99.9 | max (ms) | sent | send errors | drain s | backlog → 0 s |"
+        "| run | orders/s | p50 | p90 | p99 | p99.9 | max (ms) | sent | send errors | drain s | backlog → 0 s | nats-server µs / message |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (label, r) in std::iter::once(("system", &s.system))
         .chain(s.baseline.iter().map(|b| ("raw chain", b)))
@@ -304,7 +311,7 @@ fn section(out: &mut String, s: &Scenario) {
     {
         let _ = writeln!(
             out,
-            "| {label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} |",
+            "| {label} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {} | {} |",
             r.throughput,
             r.latency_ms.p50,
             r.latency_ms.p90,
@@ -314,9 +321,15 @@ fn section(out: &mut String, s: &Scenario) {
             r.sent,
             r.send_errors,
             r.drain_s,
-            fmt_opt(r.backlog_zero_s)
+            fmt_opt(r.backlog_zero_s),
+            fmt_nats(r)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nnats-server's CPU per message divides its CPU time during the run by the messages \
+         stored: 5 events per confirmed order, 4 per chain item (each also delivered and acked)."
+    );
     let cancelled: u64 = s.system.cancelled.values().sum();
     let i = &s.invariants;
     let _ = writeln!(
@@ -354,9 +367,118 @@ fn section(out: &mut String, s: &Scenario) {
             p.name, p.cpu_s, p.cpu_ms_per_order, p.idle_rss_mib, p.peak_rss_mib, p.end_rss_mib
         );
     }
+    memory_over_time(out, s);
     let _ = writeln!(
         out,
         "\n![latency percentiles](benchmarks/{}-latency.svg)\n![throughput over time](benchmarks/{}-throughput.svg)",
         s.name, s.name
     );
+}
+
+/// For runs of two minutes or more: each process's RSS one minute in and then minute by
+/// minute, so growth shows apart from the first minute's warm-up.
+fn memory_over_time(out: &mut String, s: &Scenario) {
+    const MINUTE: usize = 60;
+    let minutes = s
+        .processes
+        .iter()
+        .map(|p| p.rss_mib.len() / MINUTE)
+        .min()
+        .unwrap_or(0);
+    if minutes < 2 {
+        return;
+    }
+    let mut header = String::from("\n| RSS MiB at |");
+    for m in 1..=minutes {
+        let _ = write!(header, " {m} min |");
+    }
+    let _ = writeln!(out, "{header}");
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(minutes));
+    for p in &s.processes {
+        let mut line = format!("| {} |", p.name);
+        for m in 1..=minutes {
+            let _ = write!(line, " {:.1} |", p.rss_mib[m * MINUTE - 1]);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(name: &str, rss_mib: Vec<f64>) -> Usage {
+        Usage {
+            name: name.to_owned(),
+            cpu_s: 1.0,
+            cpu_ms_per_order: 0.5,
+            idle_rss_mib: 10.0,
+            peak_rss_mib: 20.0,
+            end_rss_mib: 20.0,
+            rss_mib,
+        }
+    }
+
+    fn scenario(processes: Vec<Usage>) -> Scenario {
+        Scenario {
+            name: "s".to_owned(),
+            store: "sqlite".to_owned(),
+            load: "open loop".to_owned(),
+            duration_s: 180.0,
+            warmup_s: 3.0,
+            nats_sync_always: false,
+            durability: "normal".to_owned(),
+            system: RunResult {
+                nats_cpu_us_per_message: Some(41.6),
+                ..RunResult::default()
+            },
+            baseline: Some(RunResult::default()),
+            db_baseline: None,
+            ratio: None,
+            db_ratio: None,
+            processes,
+            invariants: Invariants {
+                accepted: 1,
+                not_terminal: 0,
+                terminal_twice: 0,
+                stock_drift: 0,
+                charges_succeeded: 1,
+                confirmed: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn long_runs_show_memory_minute_by_minute() {
+        let minutes = |mib: &[f64]| mib.iter().flat_map(|m| vec![*m; 60]).collect();
+        let s = scenario(vec![
+            usage("order-service", minutes(&[20.0, 21.0, 24.5])),
+            usage("nats-server", minutes(&[40.0, 40.0, 40.0])),
+        ]);
+        let mut page = String::new();
+        section(&mut page, &s);
+        assert!(
+            page.contains("| RSS MiB at | 1 min | 2 min | 3 min |"),
+            "{page}"
+        );
+        assert!(
+            page.contains("| order-service | 20.0 | 21.0 | 24.5 |"),
+            "{page}"
+        );
+
+        let mut short = String::new();
+        section(
+            &mut short,
+            &scenario(vec![usage("order-service", vec![20.0; 90])]),
+        );
+        assert!(!short.contains("RSS MiB at"), "{short}");
+    }
+
+    #[test]
+    fn nats_cpu_per_message_shows_where_measured() {
+        let mut page = String::new();
+        section(&mut page, &scenario(Vec::new()));
+        assert!(page.contains("| 42 |\n"), "the system's figure: {page}");
+        assert!(page.contains("| – |\n"), "an unmeasured baseline: {page}");
+    }
 }

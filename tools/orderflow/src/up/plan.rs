@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use orderflow_store::Durability;
 
 use crate::cli::{Store, UpArgs};
 
@@ -67,6 +68,8 @@ const ENV_LOG_FORMAT: &str = "ORDERFLOW_LOG_FORMAT";
 const ENV_STREAM_REPLICAS: &str = "ORDERFLOW_STREAM_REPLICAS";
 /// The payment provider's base URL (payment-service only).
 const ENV_PROVIDER_URL: &str = "ORDERFLOW_PROVIDER_URL";
+/// Whether a SQLite commit waits for the disk (`--db-durability`).
+const ENV_DB_DURABILITY: &str = "ORDERFLOW_DB_DURABILITY";
 /// The log format the processes are started with.
 const LOG_FORMAT: &str = "pretty";
 
@@ -106,6 +109,8 @@ pub struct NatsPlan {
     pub route_port: u16,
     /// The monitoring port of the (first) node.
     pub monitor_port: u16,
+    /// Every node fsyncs every JetStream write before acknowledging it (`--durable`).
+    pub sync_always: bool,
 }
 
 impl NatsPlan {
@@ -260,6 +265,7 @@ impl Plan {
                     (ENV_DATABASE_URL, database_url.clone()),
                     (ENV_LOG_FORMAT, LOG_FORMAT.to_owned()),
                     (ENV_STREAM_REPLICAS, nats.stream_replicas().to_string()),
+                    (ENV_DB_DURABILITY, db_durability(args).as_str().to_owned()),
                 ]);
                 if binary == PAYMENT {
                     env.push((ENV_PROVIDER_URL, provider_url.clone()));
@@ -319,7 +325,17 @@ fn nats_plan(args: &UpArgs) -> anyhow::Result<NatsPlan> {
         client_port: args.nats_port,
         route_port: args.nats_port + ROUTE_PORT_OFFSET,
         monitor_port: args.nats_port + MONITOR_PORT_OFFSET,
+        sync_always: args.durable,
     })
+}
+
+/// The services' commits: as durable as NATS is (see `UpArgs::durable`).
+fn db_durability(args: &UpArgs) -> Durability {
+    if args.durable {
+        Durability::Full
+    } else {
+        Durability::Normal
+    }
 }
 
 /// `base`, `base + 10`, `base + 20`, ...: the first one not in `taken`, which it joins.
@@ -481,6 +497,32 @@ mod tests {
                 (ENV_HTTP_ADDR, "127.0.0.1:8090".to_owned()),
                 (ENV_LOG_FORMAT, "pretty".to_owned())
             ]
+        );
+    }
+
+    #[test]
+    fn durable_syncs_nats_and_every_commit() {
+        let durability = |plan: &Plan| -> Vec<(bool, Option<String>)> {
+            plan.processes
+                .iter()
+                .filter(|p| p.binary != SIMULATOR)
+                .map(|p| {
+                    (
+                        plan.nats.sync_always,
+                        p.env(ENV_DB_DURABILITY).map(str::to_owned),
+                    )
+                })
+                .collect()
+        };
+        let lazy = plan(&[]).unwrap();
+        assert_eq!(
+            durability(&lazy),
+            vec![(false, Some("normal".to_owned())); 3]
+        );
+        let durable = plan(&["--durable", "--cluster"]).unwrap();
+        assert_eq!(
+            durability(&durable),
+            vec![(true, Some("full".to_owned())); 3]
         );
     }
 

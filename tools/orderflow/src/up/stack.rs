@@ -154,7 +154,7 @@ impl Stack {
                 "starting a {CLUSTER_SIZE}-node NATS JetStream cluster on {}",
                 plan.url()
             ));
-            let builder = NatsCluster::builder(usize::from(CLUSTER_SIZE))
+            let mut builder = NatsCluster::builder(usize::from(CLUSTER_SIZE))
                 .name(NATS_NAME)
                 .client_ports(plan.client_port)
                 .route_ports(plan.route_port)
@@ -163,6 +163,9 @@ impl Stack {
                 .binary(binary)
                 .config(authorization)
                 .own_process_group();
+            if plan.sync_always {
+                builder = builder.sync_always();
+            }
             let cluster =
                 contain::blocking_async("starting the NATS cluster", move || builder.start())
                     .await?;
@@ -170,7 +173,7 @@ impl Stack {
         } else {
             self.console
                 .say(format!("starting NATS JetStream on {}", plan.url()));
-            let builder = NatsServer::builder()
+            let mut builder = NatsServer::builder()
                 .name(NATS_NAME)
                 .port(plan.client_port)
                 .monitor_port(plan.monitor_port)
@@ -178,6 +181,9 @@ impl Stack {
                 .binary(binary)
                 .config(authorization)
                 .own_process_group();
+            if plan.sync_always {
+                builder = builder.sync_always();
+            }
             let server =
                 contain::blocking_async("starting nats-server", move || builder.start()).await?;
             self.nats = Some(Nats::Single(server));

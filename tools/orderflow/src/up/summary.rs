@@ -75,6 +75,7 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
             plan.data_dir.display()
         ),
     ));
+    rows.push(("durability".to_owned(), durability(plan).to_owned()));
     rows.push((
         "operator token".to_owned(),
         format!(
@@ -110,6 +111,16 @@ pub fn text(plan: &Plan, stack: &Stack, elapsed: Duration) -> String {
 }
 
 /// The curl commands to try the system with.
+/// What a commit survives, as `--durable` chose.
+fn durability(plan: &Plan) -> &'static str {
+    if plan.nats.sync_always {
+        "every commit and JetStream write fsynced (--durable): survives a power loss"
+    } else {
+        "a crash of any process loses nothing; a power loss may lose the last moments \
+         (--durable fsyncs everything)"
+    }
+}
+
 fn walkthrough(plan: &Plan) -> String {
     let mut text = String::new();
     let order = plan.processes.iter().find(|p| p.binary == ORDER);
